@@ -1,0 +1,17 @@
+"""danet_ops: fused, memory-efficient DANet position (PAM) and channel (CAM) attention."""
+__version__ = "0.1.0"
+
+from . import _compiled
+from ._backends import BackendUnavailableError, available_backends
+from .functional import channel_attention, position_attention
+from .modules import ChannelAttention, PositionAttention
+
+# Register the compiled ops now when a prebuilt library exists (a cheap dlopen); a missing one
+# is JIT-compiled lazily, on the first call that needs it.
+if _compiled.prebuilt_present():
+    _compiled.load()
+
+__all__ = [
+    "PositionAttention", "ChannelAttention", "position_attention", "channel_attention",
+    "available_backends", "BackendUnavailableError",
+]

@@ -1,0 +1,98 @@
+"""Backends "cpu" and "cuda": the C++/CUDA ops of csrc/, loaded from danet_ops._C.
+
+The ahead-of-time build (setup.py) leaves danet_ops/_C*.so next to this file. When it is
+missing (plain `pip install .` under build isolation cannot see torch) the same sources are
+JIT-compiled with torch.utils.cpp_extension on first use, unless DANET_OPS_JIT=0.
+"""
+import glob
+import os
+import threading
+
+import torch
+
+from . import _meta
+
+_PKG = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None, "how": None}
+
+FORWARD = {"pam": "danet_ops::pam_forward", "cam": "danet_ops::cam_forward"}
+
+
+def _prebuilt():
+    libs = sorted(glob.glob(os.path.join(_PKG, "_C*.so")) + glob.glob(os.path.join(_PKG, "_C*.pyd")))
+    return libs[0] if libs else None
+
+
+def _source_dir():
+    for root in (os.path.join(_PKG, os.pardir, "csrc"), os.path.join(_PKG, "csrc")):
+        if os.path.isfile(os.path.join(root, "register.cpp")):
+            return os.path.normpath(root)
+    return None
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    root = _source_dir()
+    if root is None:
+        raise RuntimeError("no prebuilt danet_ops._C and no C++ sources to JIT-compile")
+    sources = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    cflags = ["-O3", "-fopenmp", "-std=c++17"]
+    cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+            and os.environ.get("DANET_OPS_CUDA", "1") != "0")
+    if cuda:
+        sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")) + glob.glob(os.path.join(root, "cuda", "*.cpp")))
+        cflags.append("-DDANET_OPS_WITH_CUDA")
+    cpp_extension.load(name="danet_ops_C", sources=sources, extra_cflags=cflags,
+                       extra_cuda_cflags=["-O3", "-std=c++17", "-DDANET_OPS_WITH_CUDA"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return f"JIT-compiled from {root}"
+
+
+def load():
+    """Load the compiled ops once; returns True when they are registered."""
+    if _state["loaded"] or _state["error"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] or _state["error"] is not None:
+            return _state["loaded"]
+        try:
+            lib = _prebuilt()
+            if lib is not None:
+                torch.ops.load_library(lib)
+                how = f"prebuilt {os.path.basename(lib)}"
+            elif os.environ.get("DANET_OPS_JIT", "1") != "0":
+                how = _jit_build()
+            else:
+                raise RuntimeError("danet_ops._C was not built and DANET_OPS_JIT=0 forbids the JIT build")
+            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward")
+            _meta.register_cam("danet_ops::cam_forward", "danet_ops::cam_backward")
+            _state.update(loaded=True, how=how)
+        except Exception as exc:  # kept and reported by the backend chooser
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["loaded"]
+
+
+def has_kernel(op, device_type):
+    """Whether the compiled `op` ("pam" | "cam") has a kernel for "cpu" / "cuda" tensors."""
+    if not load():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD[op], key)
+
+
+def error():
+    return _state["error"]
+
+
+def prebuilt_present():
+    return _prebuilt() is not None
+
+
+def pam_forward(q, k, v, x, gamma):
+    return torch.ops.danet_ops.pam_forward(q, k, v, x, gamma)
+
+
+def cam_forward(x, gamma, mode):
+    return torch.ops.danet_ops.cam_forward(x, gamma, mode)

@@ -1,0 +1,117 @@
+"""Shape (fake) functions and autograd glue shared by every backend's ops.
+
+Each backend defines the same four ops (docs/ARCHITECTURE.md) under its own names; this module
+registers for a family of names the fake kernels (so torch.compile / opcheck can trace them) and
+the autograd formula (forward op -> explicit backward op). It holds no kernels itself.
+"""
+import torch
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _residual_dtype(o_dtype, x, gamma):
+    # dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part).
+    return torch.promote_types(torch.promote_types(o_dtype, x.dtype), gamma.dtype)
+
+
+# ----------------------------------------------------------------------------- PAM
+def pam_forward_fake(q, k, v, x, gamma):
+    B, _, N = q.shape
+    Cv = v.shape[1]
+    o = v.new_empty((B, Cv, N))
+    lse = q.new_empty((B, N), dtype=_compute_dtype(v.dtype))
+    if x is None:
+        y = v.new_empty((0,))
+    else:
+        y = v.new_empty((B, Cv, N), dtype=_residual_dtype(v.dtype, x, gamma))
+    return o, lse, y
+
+
+def pam_backward_fake(dy, q, k, v, o, lse, gamma):
+    ct = _compute_dtype(v.dtype)
+    dgamma = q.new_empty((1,) if gamma is not None else (0,), dtype=ct)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgamma)
+
+
+def _pam_setup_context(ctx, inputs, output):
+    q, k, v, x, gamma = inputs
+    o, lse, y = output
+    ctx.residual = x is not None
+    ctx.x_dtype = x.dtype if x is not None else None
+    ctx.save_for_backward(q, k, v, o, lse, gamma)
+
+
+def _grad_of_gamma(dgamma, gamma):
+    return dgamma.to(gamma.dtype).reshape(gamma.shape)
+
+
+def _pam_autograd(backward_op):
+    def backward(ctx, d_o, d_lse, d_y):
+        q, k, v, o, lse, gamma = ctx.saved_tensors
+        g = d_y if ctx.residual else d_o        # gradient of the result the caller used
+        dq, dk, dv, dgamma = backward_op(g, q, k, v, o, lse, gamma if ctx.residual else None)
+        dx = g.to(ctx.x_dtype) if ctx.residual else None
+        dgam = _grad_of_gamma(dgamma, gamma) if ctx.residual else None
+        return dq, dk, dv, dx, dgam
+    return backward
+
+
+# ----------------------------------------------------------------------------- CAM
+def cam_forward_fake(x, gamma, mode):
+    B, C, N = x.shape
+    o = x.new_empty((B, C, N))
+    attn = x.new_empty((B, C, C), dtype=_compute_dtype(x.dtype))
+    if gamma is None:
+        y = x.new_empty((0,))
+    else:
+        y = x.new_empty((B, C, N), dtype=_residual_dtype(x.dtype, x, gamma))
+    return o, attn, y
+
+
+def cam_backward_fake(dy, x, attn, o, gamma, mode):
+    dgamma = x.new_empty((1,) if gamma is not None else (0,), dtype=_compute_dtype(x.dtype))
+    return x.new_empty(x.shape), dgamma
+
+
+def _cam_setup_context(ctx, inputs, output):
+    x, gamma, mode = inputs
+    o, attn, y = output
+    ctx.mode = mode
+    ctx.residual = gamma is not None
+    ctx.save_for_backward(x, attn, o, gamma)
+
+
+def _cam_autograd(backward_op):
+    def backward(ctx, d_o, d_attn, d_y):
+        x, attn, o, gamma = ctx.saved_tensors
+        g = d_y if ctx.residual else d_o
+        dx, dgamma = backward_op(g, x, attn, o, gamma if ctx.residual else None, ctx.mode)
+        dgam = _grad_of_gamma(dgamma, gamma) if ctx.residual else None
+        return dx, dgam, None
+    return backward
+
+
+# ----------------------------------------------------------------------------- registration
+def register_pam(forward_name, backward_name):
+    """Fake kernels + autograd for a (forward, backward) pair of PAM ops, e.g.
+    ("danet_ops::pam_forward", "danet_ops::pam_backward")."""
+    torch.library.register_fake(forward_name)(pam_forward_fake)
+    torch.library.register_fake(backward_name)(pam_backward_fake)
+    backward_op = _op(backward_name)
+    torch.library.register_autograd(forward_name, _pam_autograd(backward_op),
+                                    setup_context=_pam_setup_context)
+
+
+def register_cam(forward_name, backward_name):
+    torch.library.register_fake(forward_name)(cam_forward_fake)
+    torch.library.register_fake(backward_name)(cam_backward_fake)
+    backward_op = _op(backward_name)
+    torch.library.register_autograd(forward_name, _cam_autograd(backward_op),
+                                    setup_context=_cam_setup_context)
+
+
+def _op(qualname):
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default

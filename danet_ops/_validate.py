@@ -1,0 +1,94 @@
+"""Input checks of SPEC §5, run before any kernel: each error names the argument and what was seen."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CQ_RANGE = (1, 256)
+CV_RANGE = (1, 4096)
+CAM_MODES = ("original", "paper")
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has unsupported dtype {t.dtype}; expected one of "
+                         f"float16, bfloat16, float32, float64")
+
+
+def _rank(name, t):
+    if t.dim() not in (3, 4):
+        raise ValueError(f"{name} must be [B, C, H, W] or [B, C, N]; got shape {tuple(t.shape)}")
+
+
+def _same_device(named):
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {seen}")
+
+
+def as_gamma(gamma, like):
+    """gamma as a 1-element tensor view of shape [1] (accepts 0-dim, [1], or a Python number)."""
+    if gamma is None:
+        return None
+    if not isinstance(gamma, torch.Tensor):
+        gamma = torch.tensor([float(gamma)], dtype=torch.float32, device=like.device)
+    if gamma.numel() != 1:
+        raise ValueError(f"gamma must have one element; got shape {tuple(gamma.shape)}")
+    if not gamma.dtype.is_floating_point:
+        raise ValueError(f"gamma must be a floating tensor; got {gamma.dtype}")
+    return gamma.reshape(1)
+
+
+def check_pam(q, k, v, x, gamma):
+    """Validate position_attention's arguments; returns (B, Cq, Cv, N)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        _rank(name, t)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"q, k, v must have the same rank; got {shapes}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, Cq, ...]; got {shapes}")
+    if v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch size B differs between q and v; got {shapes}")
+    if v.shape[2:] != q.shape[2:]:
+        raise ValueError(f"spatial size (N or H, W) differs between q and v; got {shapes}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    Cq, Cv = q.shape[1], v.shape[1]
+    if not CQ_RANGE[0] <= Cq <= CQ_RANGE[1]:
+        raise ValueError(f"q/k channels Cq = {Cq} outside the supported range "
+                         f"{CQ_RANGE[0]}..{CQ_RANGE[1]}; got {shapes}")
+    if not CV_RANGE[0] <= Cv <= CV_RANGE[1]:
+        raise ValueError(f"v channels Cv = {Cv} outside the supported range "
+                         f"{CV_RANGE[0]}..{CV_RANGE[1]}; got {shapes}")
+    if (x is None) != (gamma is None):
+        raise ValueError("give both x and gamma (y = gamma*O + x) or neither (returns O); got "
+                         f"x={'None' if x is None else tuple(x.shape)}, "
+                         f"gamma={'None' if gamma is None else 'given'}")
+    if x is not None:
+        _tensor("x", x)
+        if x.shape != v.shape:
+            raise ValueError(f"x must have v's shape {tuple(v.shape)}; got x {tuple(x.shape)}")
+    _same_device({"q": q, "k": k, "v": v, "x": x,
+                  "gamma": gamma if isinstance(gamma, torch.Tensor) else None})
+    N = 1
+    for s in q.shape[2:]:
+        N *= s
+    return q.shape[0], Cq, Cv, N
+
+
+def check_cam(x, gamma, mode):
+    """Validate channel_attention's arguments; returns (B, C, N)."""
+    _tensor("x", x)
+    _rank("x", x)
+    if mode not in CAM_MODES:
+        raise ValueError(f"mode must be one of {CAM_MODES}; got {mode!r}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have at least one channel; got shape {tuple(x.shape)}")
+    _same_device({"x": x, "gamma": gamma if isinstance(gamma, torch.Tensor) else None})
+    N = 1
+    for s in x.shape[2:]:
+        N *= s
+    return x.shape[0], x.shape[1], N

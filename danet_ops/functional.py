@@ -1,0 +1,42 @@
+"""position_attention / channel_attention (SPEC §3): validate, choose a backend, call its op."""
+from . import _backends, _compiled, _validate, reference
+
+
+def _backend_ops(name):
+    if name in ("cpu", "cuda"):
+        return _compiled
+    from . import _triton
+    return _triton
+
+
+def position_attention(q, k, v, x=None, gamma=None, backend="auto"):
+    """DANet position attention. q, k: [B, Cq, H, W] (or [B, Cq, N]); v, x: [B, Cv, H, W].
+
+    E = qᵀk (no 1/sqrt(d) scaling), A = softmax over keys, O = v Aᵀ.
+    Returns gamma * O + x when x and gamma are given, else O (shape of v).
+    """
+    B, _, _, N = _validate.check_pam(q, k, v, x, gamma)
+    gamma = _validate.as_gamma(gamma, v)
+    name = _backends.resolve(backend, "pam", q.device, q.dtype)
+    if name == "reference" or B == 0 or N == 0:
+        return reference.position_attention(q, k, v, x, gamma)
+    # [B, C, H, W] -> [B, C, N]: a view for contiguous and channels_last layouts.
+    o, _, y = _backend_ops(name).pam_forward(
+        q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma)
+    return (o if x is None else y).view(v.shape)
+
+
+def channel_attention(x, gamma=None, mode="original", backend="auto"):
+    """DANet channel attention. x: [B, C, H, W] (or [B, C, N]); E = a aᵀ over N.
+
+    mode "original" (released code, mmseg, PaddleSeg): A = softmax(rowmax(E) - E);
+    mode "paper" (the paper's Eq. 3): A = softmax(E). O = A a.
+    Returns gamma * O + x when gamma is given, else O.
+    """
+    B, _, N = _validate.check_cam(x, gamma, mode)
+    gamma = _validate.as_gamma(gamma, x)
+    name = _backends.resolve(backend, "cam", x.device, x.dtype)
+    if name == "reference" or B == 0 or N == 0:
+        return reference.channel_attention(x, gamma, mode)
+    o, _, y = _backend_ops(name).cam_forward(x.flatten(2), gamma, mode)
+    return (o if gamma is None else y).view(x.shape)
