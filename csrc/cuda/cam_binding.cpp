@@ -1,0 +1,169 @@
+// Torch binding of the CUDA CAM kernels (csrc/cuda/cam_kernels.cu): checks, output and
+// workspace allocation, current stream, TF32 setting. Implements danet_ops::cam_forward /
+// cam_backward for the CUDA dispatch key; the schemas are defined in csrc/register.cpp.
+// Compiled only when torch has CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (= at::cuda::, without the cuBLAS/cuSPARSE headers)
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "danet_cuda.cuh"
+
+namespace danet_ops {
+namespace {
+
+using danet_cuda::DType;
+
+DType cam_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                  "; backend 'cuda' supports float32, float16 and bfloat16");
+  }
+}
+
+danet_cuda::View3 cam_view3(const at::Tensor& t, const char* op, const char* name) {
+  return danet_cuda::View3{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
+                           cam_dtype(t, op, name)};
+}
+
+bool cam_paper(c10::string_view mode, const char* op) {
+  TORCH_CHECK(mode == "original" || mode == "paper", op,
+              ": mode must be 'original' or 'paper'; got '", std::string(mode), "'");
+  return mode == "paper";
+}
+
+void cam_check_input(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor; got device ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(),
+              "; got ", t.sizes());
+}
+
+at::Tensor cam_gamma_f32(const at::Tensor& gamma, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(gamma.numel() == 1, op, ": gamma must have one element; got shape ", gamma.sizes());
+  TORCH_CHECK(gamma.device() == x.device(), op, ": gamma is on ", gamma.device(),
+              " but x is on ", x.device());
+  return gamma.reshape({1}).to(at::kFloat).contiguous();
+}
+
+void cam_check_launch(cudaError_t e, const char* op) {
+  if (e == cudaErrorNoKernelImageForDevice)
+    TORCH_CHECK(false, op, ": the danet_ops CUDA kernels need an sm_80+ GPU (Ampere or newer) "
+                "and a build that targets it; use backend='triton' or 'reference' here");
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), " (",
+              cudaGetErrorString(e), ")");
+}
+
+void cam_check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor; got device ", x.device());
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, C, N]; got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= 16384, op, ": C = ", x.size(1),
+              " outside 1..16384");
+  TORCH_CHECK(x.size(0) <= 65535, op, ": batch ", x.size(0), " > 65535 is not supported");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& gamma, c10::string_view mode) {
+  constexpr const char* op = "danet_ops::cam_forward (cuda)";
+  cam_check_x(x, op);
+  const bool paper = cam_paper(mode, op);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  danet_cuda::CamForwardParams p;
+  p.B = B;
+  p.C = C;
+  p.N = N;
+  p.paper = paper;
+  p.dtype = cam_dtype(x, op, "x");
+  at::Tensor o = at::empty({B, C, N}, x.options());
+  at::Tensor attn = at::empty({B, C, C}, x.options().dtype(at::kFloat));
+  at::Tensor y, g;
+  if (gamma.has_value()) {
+    g = cam_gamma_f32(*gamma, x, op);
+    // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
+    y = at::empty({B, C, N}, x.options().dtype(at::promote_types(x.scalar_type(),
+                                                                 gamma->scalar_type())));
+    p.gamma = g.data_ptr<float>();
+    p.y = y.data_ptr();
+    p.y_dtype = cam_dtype(y, op, "y = gamma*O + x");
+  } else {
+    y = at::empty({0}, x.options());
+  }
+  if (B == 0) return {o, attn, y};
+  p.x = cam_view3(x, op, "x");
+  p.o = o.data_ptr();
+  p.attn = attn.data_ptr<float>();
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  at::Tensor ws = at::empty({(int64_t)danet_cuda::cam_forward_workspace_bytes(p)},
+                            x.options().dtype(at::kByte));
+  p.workspace = ws.data_ptr();
+  cam_check_launch(danet_cuda::cam_forward(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {o, attn, y};
+}
+
+std::tuple<at::Tensor, at::Tensor> cam_backward_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                     const at::Tensor& attn, const at::Tensor& o,
+                                                     const std::optional<at::Tensor>& gamma,
+                                                     c10::string_view mode) {
+  constexpr const char* op = "danet_ops::cam_backward (cuda)";
+  cam_check_x(x, op);
+  const bool paper = cam_paper(mode, op);
+  cam_check_input(dy, x, op, "dy");
+  cam_check_input(o, x, op, "o");
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  TORCH_CHECK(attn.is_cuda() && attn.device() == x.device() && attn.dim() == 3 &&
+                  attn.size(0) == B && attn.size(1) == C && attn.size(2) == C,
+              op, ": attn must be [B, C, C] = [", B, ", ", C, ", ", C, "] on ", x.device(),
+              "; got ", attn.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  at::Tensor dx = at::empty({B, C, N}, x.options());
+  at::Tensor dgamma = at::zeros({gamma.has_value() ? 1 : 0}, x.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return {dx, dgamma};
+
+  danet_cuda::CamBackwardParams p;
+  p.B = B;
+  p.C = C;
+  p.N = N;
+  p.paper = paper;
+  p.dtype = cam_dtype(x, op, "x");
+  // dy arrives in y's dtype (fp32 when gamma is fp32 and x is fp16/bf16); the matmuls need x's.
+  const at::Tensor dy_mma = dy.scalar_type() == x.scalar_type() ? dy : dy.to(x.scalar_type());
+  const at::Tensor attn_f = attn.to(at::kFloat).contiguous();
+  at::Tensor g;
+  if (gamma.has_value()) {
+    g = cam_gamma_f32(*gamma, x, op);
+    p.gamma = g.data_ptr<float>();
+    p.dgamma = dgamma.data_ptr<float>();
+  }
+  p.dy = cam_view3(dy, op, "dy");
+  p.dy_mma = cam_view3(dy_mma, op, "dy");
+  p.x = cam_view3(x, op, "x");
+  p.o = cam_view3(o, op, "o");
+  p.attn = attn_f.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  at::Tensor ws = at::empty({(int64_t)danet_cuda::cam_backward_workspace_bytes(p)},
+                            x.options().dtype(at::kByte));
+  p.workspace = ws.data_ptr();
+  cam_check_launch(danet_cuda::cam_backward(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {dx, dgamma};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(danet_ops, CUDA, m) {
+  m.impl("cam_forward", &cam_forward_cuda);
+  m.impl("cam_backward", &cam_backward_cuda);
+}
+
+}  // namespace danet_ops

@@ -1,0 +1,190 @@
+// Torch binding of the CUDA PAM kernels (csrc/cuda/pam_kernels.cu): checks, output allocation,
+// current stream, TF32 setting. Implements danet_ops::pam_forward / pam_backward for the CUDA
+// dispatch key; the schemas are defined in csrc/register.cpp. Compiled only when torch has CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (= at::cuda::, without the cuBLAS/cuSPARSE headers)
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "danet_cuda.cuh"
+
+namespace danet_ops {
+namespace {
+
+using danet_cuda::DType;
+
+DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                  "; backend 'cuda' supports float32, float16 and bfloat16");
+  }
+}
+
+danet_cuda::View3 view3(const at::Tensor& t, const char* op, const char* name) {
+  return danet_cuda::View3{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
+                           kernel_dtype(t, op, name)};
+}
+
+void check_cuda_3d(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor; got device ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
+              like.device());
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [B, C, N]; got shape ", t.sizes());
+}
+
+// gamma as a [1] fp32 device tensor (it may arrive in the module's dtype).
+at::Tensor gamma_f32(const at::Tensor& gamma, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(gamma.numel() == 1, op, ": gamma must have one element; got shape ", gamma.sizes());
+  TORCH_CHECK(gamma.device() == like.device(), op, ": gamma is on ", gamma.device(),
+              " but the inputs are on ", like.device());
+  return gamma.reshape({1}).to(at::kFloat).contiguous();
+}
+
+void check_launch(cudaError_t e, const char* op) {
+  if (e == cudaErrorNoKernelImageForDevice)
+    TORCH_CHECK(false, op, ": the danet_ops CUDA kernels need an sm_80+ GPU (Ampere or newer) "
+                "and a build that targets it; use backend='triton' or 'reference' here");
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), " (",
+              cudaGetErrorString(e), ")");
+}
+
+bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& gamma) {
+  constexpr const char* op = "danet_ops::pam_forward (cuda)";
+  check_cuda_3d(q, q, op, "q");
+  check_cuda_3d(k, q, op, "k");
+  check_cuda_3d(v, q, op, "v");
+  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Cv = v.size(1);
+  TORCH_CHECK(k.sizes() == q.sizes(), op, ": q and k must have the same shape; got q ", q.sizes(),
+              ", k ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(2) == N, op, ": v must be [B, Cv, N] with q's B and N; got q ",
+              q.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(1 <= Cq && Cq <= 256, op, ": Cq = ", Cq, " outside 1..256");
+  TORCH_CHECK(1 <= Cv && Cv <= 4096, op, ": Cv = ", Cv, " outside 1..4096");
+  TORCH_CHECK(B <= 65535, op, ": batch ", B, " > 65535 is not supported");
+  TORCH_CHECK(N <= (int64_t(1) << 26), op, ": N = ", N, " > 2^26 is not supported");
+  TORCH_CHECK(x.has_value() == gamma.has_value(), op, ": give both x and gamma or neither");
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  danet_cuda::PamForwardParams p;
+  p.B = B;
+  p.Cq = Cq;
+  p.Cv = Cv;
+  p.N = N;
+  p.dtype = kernel_dtype(v, op, "v");
+  at::Tensor o = at::empty({B, Cv, N}, v.options());
+  at::Tensor lse = at::empty({B, N}, v.options().dtype(at::kFloat));
+  at::Tensor y, g;
+  if (x.has_value()) {
+    check_cuda_3d(*x, q, op, "x");
+    TORCH_CHECK(x->sizes() == v.sizes(), op, ": x must have v's shape ", v.sizes(), "; got ",
+                x->sizes());
+    g = gamma_f32(*gamma, q, op);
+    // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
+    const auto yt = at::promote_types(at::promote_types(v.scalar_type(), x->scalar_type()),
+                                      gamma->scalar_type());
+    y = at::empty({B, Cv, N}, v.options().dtype(yt));
+    p.x = view3(*x, op, "x");
+    p.gamma = g.data_ptr<float>();
+    p.y = y.data_ptr();
+    p.y_dtype = kernel_dtype(y, op, "y = gamma*O + x");
+  } else {
+    y = at::empty({0}, v.options());
+  }
+  if (B == 0 || N == 0) return {o, lse, y};
+  p.q = view3(q, op, "q");
+  p.k = view3(k, op, "k");
+  p.v = view3(v, op, "v");
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.allow_tf32 = allow_tf32();
+  check_launch(danet_cuda::pam_forward(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {o, lse, y};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cuda(
+    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& gamma) {
+  constexpr const char* op = "danet_ops::pam_backward (cuda)";
+  check_cuda_3d(q, q, op, "q");
+  check_cuda_3d(k, q, op, "k");
+  check_cuda_3d(v, q, op, "v");
+  check_cuda_3d(dy, q, op, "dy");
+  check_cuda_3d(o, q, op, "o");
+  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Cv = v.size(1);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == B && v.size(2) == N, op,
+              ": expected q, k [B, Cq, N] and v [B, Cv, N]; got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(dy.sizes() == v.sizes() && o.sizes() == v.sizes(), op, ": dy and o must be ",
+              v.sizes(), "; got dy ", dy.sizes(), ", o ", o.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share one dtype");
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.dim() == 2 && lse.size(0) == B &&
+                  lse.size(1) == N,
+              op, ": lse must be a [B, N] tensor on ", q.device(), "; got ", lse.sizes());
+  TORCH_CHECK(1 <= Cq && Cq <= 256 && 1 <= Cv && Cv <= 4096, op, ": Cq = ", Cq, ", Cv = ", Cv,
+              " outside 1..256 / 1..4096");
+  TORCH_CHECK(B <= 65535 && N <= (int64_t(1) << 26), op, ": B = ", B, ", N = ", N,
+              " beyond the supported 65535 / 2^26");
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dgamma = at::zeros({gamma.has_value() ? 1 : 0}, q.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return {dq, dk, dv, dgamma};
+
+  danet_cuda::PamBackwardParams p;
+  p.B = B;
+  p.Cq = Cq;
+  p.Cv = Cv;
+  p.N = N;
+  p.dtype = kernel_dtype(v, op, "v");
+  // dy arrives in y's dtype (e.g. fp32 under autocast); the matmuls need it in v's dtype.
+  const at::Tensor dy_mma = dy.scalar_type() == v.scalar_type() ? dy : dy.to(v.scalar_type());
+  const at::Tensor lse_f = lse.to(at::kFloat).contiguous();
+  at::Tensor g;
+  if (gamma.has_value()) {
+    g = gamma_f32(*gamma, q, op);
+    p.gamma = g.data_ptr<float>();
+    p.dgamma = dgamma.data_ptr<float>();
+  }
+  p.dy = view3(dy, op, "dy");
+  p.dy_mma = view3(dy_mma, op, "dy");
+  p.q = view3(q, op, "q");
+  p.k = view3(k, op, "k");
+  p.v = view3(v, op, "v");
+  p.o = view3(o, op, "o");
+  p.lse = lse_f.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.allow_tf32 = allow_tf32();
+  at::Tensor ws = at::empty({(int64_t)danet_cuda::pam_backward_workspace_bytes(p)},
+                            q.options().dtype(at::kByte));
+  p.workspace = ws.data_ptr();
+  check_launch(danet_cuda::pam_backward(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {dq, dk, dv, dgamma};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(danet_ops, CUDA, m) {
+  m.impl("pam_forward", &pam_forward_cuda);
+  m.impl("pam_backward", &pam_backward_cuda);
+}
+
+}  // namespace danet_ops
