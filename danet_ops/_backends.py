@@ -66,8 +66,13 @@ def check(backend, op, device, dtype):
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend, op, device, dtype):
-    """The backend name that runs this call, or BackendUnavailableError."""
+    """The backend name that runs this call, or BackendUnavailableError.
+
+    Under torch.compile this runs once at trace time and its answer is baked into the graph
+    (it inspects the dispatcher and the environment, which Dynamo cannot trace).
+    """
     if backend == "auto":
         backend = os.environ.get("DANET_OPS_BACKEND", "auto") or "auto"
     if backend == "auto":

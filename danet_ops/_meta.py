@@ -94,6 +94,17 @@ def _cam_autograd(backward_op):
 
 
 # ----------------------------------------------------------------------------- registration
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("danet_ops: double backward (create_graph=True through the attention "
+                       "backward) is not supported; use backend='reference' for it")
+
+
+def _register_backward_op(backward_name):
+    # The explicit backward ops are not differentiable: say so instead of silently giving zeros.
+    torch.library.register_autograd(backward_name, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 def register_pam(forward_name, backward_name):
     """Fake kernels + autograd for a (forward, backward) pair of PAM ops, e.g.
     ("danet_ops::pam_forward", "danet_ops::pam_backward")."""
@@ -102,6 +113,7 @@ def register_pam(forward_name, backward_name):
     backward_op = _op(backward_name)
     torch.library.register_autograd(forward_name, _pam_autograd(backward_op),
                                     setup_context=_pam_setup_context)
+    _register_backward_op(backward_name)
 
 
 def register_cam(forward_name, backward_name):
@@ -110,6 +122,7 @@ def register_cam(forward_name, backward_name):
     backward_op = _op(backward_name)
     torch.library.register_autograd(forward_name, _cam_autograd(backward_op),
                                     setup_context=_cam_setup_context)
+    _register_backward_op(backward_name)
 
 
 def _op(qualname):

@@ -10,11 +10,11 @@ def position_attention(q, k, v, x=None, gamma=None):
     """q, k: [B, Cq, *S]; v: [B, Cv, *S] (S = (H, W) or (N,)); returns gamma*O + x or O."""
     B, Cq = q.shape[:2]
     Cv = v.shape[1]
-    proj_query = q.reshape(B, Cq, -1).permute(0, 2, 1)            # [B, N, Cq]
-    proj_key = k.reshape(B, Cq, -1)                                # [B, Cq, N]
+    proj_query = q.flatten(2).permute(0, 2, 1)            # [B, N, Cq]
+    proj_key = k.flatten(2)                                # [B, Cq, N]
     energy = torch.bmm(proj_query, proj_key)                       # [B, N, N]
     attention = torch.softmax(energy, dim=-1)
-    proj_value = v.reshape(B, Cv, -1)                              # [B, Cv, N]
+    proj_value = v.flatten(2)                              # [B, Cv, N]
     out = torch.bmm(proj_value, attention.permute(0, 2, 1)).view(v.shape)
     if gamma is None:
         return out
@@ -24,7 +24,7 @@ def position_attention(q, k, v, x=None, gamma=None):
 def channel_attention(x, gamma=None, mode="original"):
     """x: [B, C, *S]; mode "original": softmax(rowmax(E) - E), "paper": softmax(E)."""
     B, C = x.shape[:2]
-    proj_query = x.reshape(B, C, -1)                               # [B, C, N]
+    proj_query = x.flatten(2)                               # [B, C, N]
     proj_key = proj_query.permute(0, 2, 1)                         # [B, N, C]
     energy = torch.bmm(proj_query, proj_key)                       # [B, C, C]
     if mode == "original":

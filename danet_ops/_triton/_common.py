@@ -1,0 +1,253 @@
+"""Host helpers of backend "triton": the Triton import and its mode, dot precision, launch configs.
+
+Nothing here imports triton at module import; `load_triton()` does it once and caches.
+
+Interpreter or compiled is a property of the process, not of a call: triton's own `tl.*`
+helpers (tl.zeros, tl.sum, ...) are built as interpreted or compiled functions when triton is
+first imported, according to TRITON_INTERPRET at that moment. `interpreting()` reports it.
+"""
+import functools
+import os
+import sys
+
+import torch
+
+MIN_TRITON = (3, 0)          # tl.dot(input_precision=...), used by every kernel
+_state = {}
+
+
+def load_triton():
+    """(triton module or None, reason). Imports triton once (cached, also when it fails)."""
+    if "result" not in _state:
+        try:
+            import triton
+            import triton.language  # noqa: F401
+
+            version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+            if version < MIN_TRITON:
+                _state["result"] = (None, f"triton {triton.__version__} is too old; "
+                                          f"need >= {'.'.join(map(str, MIN_TRITON))}")
+            else:
+                _state["result"] = (triton, "")
+        except Exception as exc:  # not installed, or broken
+            _state["result"] = (None, f"Triton could not be imported ({type(exc).__name__}: {exc})")
+    return _state["result"]
+
+
+def interpreting():
+    """Whether Triton kernels run in the interpreter in this process.
+
+    Before triton is imported this is what TRITON_INTERPRET says now; afterwards it is what it
+    said at import time (read from the type of one of triton's own jit helpers).
+    """
+    triton = sys.modules.get("triton")
+    lang = getattr(triton, "language", None) if triton is not None else None
+    if lang is None:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    helper = getattr(getattr(lang, "standard", None), "cdiv", None)
+    return type(helper).__name__ == "InterpretedFunction"
+
+
+def check_device(t):
+    """Raise (before any kernel) when this process's Triton cannot run kernels on t's device."""
+    if t.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError(
+                "danet_ops triton ops on CPU tensors need the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before triton is first imported in this process (it was "
+                "imported without it), or use CUDA tensors")
+    elif t.device.type != "cuda":
+        raise RuntimeError(f"danet_ops triton ops run on CUDA tensors (or CPU tensors under "
+                           f"TRITON_INTERPRET=1); got a tensor on {t.device}")
+
+
+def check_dtypes(names_tensors):
+    for name, t in names_tensors:
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"danet_ops triton ops support float32, float16 and bfloat16; "
+                             f"{name} is {t.dtype} (use backend 'cpu' or 'reference' for float64)")
+
+
+# ----------------------------------------------------------------------------- numerics
+def dot_precision(dtype):
+    """tl.dot input_precision for operands of `dtype`: fp32 uses TF32 only where PyTorch's own
+    matmul would (torch.backends.cuda.matmul.allow_tf32, or a float32 matmul precision other
+    than "highest"), else exact IEEE fp32. Ignored for fp16/bf16 operands."""
+    if dtype != torch.float32:
+        return "tf32"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
+def f32_dot(dtype):
+    """Upcast dot operands to fp32: the interpreter's tl.dot is wrong on bf16 (triton 3.9)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def n_key(n):
+    """Autotune bucket for a length: its next power of two (avoids re-tuning for every N)."""
+    return next_pow2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------- device facts
+@functools.lru_cache(maxsize=None)
+def _props(index):
+    p = torch.cuda.get_device_properties(index)
+    smem = getattr(p, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return (p.major, p.minor), p.multi_processor_count, smem
+
+
+def device_props(device):
+    """(capability, SM count, max shared memory per block) of a CUDA device, queried on first use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _props(index)
+
+
+def sm_count(device):
+    return 4 if device.type == "cpu" else device_props(device)[1]
+
+
+# ----------------------------------------------------------------------------- configs
+# Interpreter: one small config per kernel (autotuning in the interpreter only costs time).
+INTERP = {
+    "pam_fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_CV=16),
+    "pam_dkdv": dict(BLOCK_M=16, BLOCK_N=16),
+    "pam_dq": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_CV=16),
+    "rowdot": dict(BLOCK_M=16, BLOCK_C=16),
+    "cam_mm": dict(BLOCK_C=16, BLOCK_K=16),
+    "cam_rows": dict(BLOCK_R=16, BLOCK_J=16),
+    "cam_apply": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
+    "cam_dx": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
+}
+# Fixed GPU launch parameters of the small kernels (no autotuning: cheap, row-wise).
+GPU_FIXED = {
+    "rowdot": (dict(BLOCK_M=128, BLOCK_C=32), 4),
+    "cam_rows": (dict(BLOCK_R=16, BLOCK_J=128), 4),
+}
+# The backward's value-channel chunk (dK partials are per chunk, so it is chosen before launch).
+PAM_BWD_BLOCK_CV = {"gpu": 128, "interp": 16}
+
+# Autotune candidates per kernel: (meta, num_warps, num_stages), for sm90 (H100/H200) and sm80
+# (A100; also used for other GPUs, pruned by their shared memory). "dims" names the size each
+# meta-parameter tiles (a tile larger than that size, rounded up to a power of two, is pruned);
+# "operand" is the argument whose element size the shared-memory estimate uses.
+_TABLE = {
+    "pam_fwd": {
+        "sm90": [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2), ((128, 64, 256), 8, 2),
+                 ((64, 64, 128), 4, 3), ((64, 128, 64), 4, 4), ((128, 32, 256), 8, 3)],
+        "sm80": [((128, 64, 128), 8, 2), ((128, 32, 128), 8, 3), ((64, 64, 128), 4, 3),
+                 ((64, 64, 64), 4, 4), ((128, 64, 64), 4, 3)],
+        "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
+    },
+    "pam_dkdv": {
+        "sm90": [((64, 128), 8, 2), ((64, 64), 4, 3), ((32, 128), 8, 3), ((32, 64), 4, 3)],
+        "sm80": [((64, 64), 4, 2), ((32, 128), 8, 2), ((32, 64), 4, 3)],
+        "names": ("BLOCK_M", "BLOCK_N"), "dims": ("N", "N"), "operand": "Q",
+    },
+    "pam_dq": {
+        "sm90": [((128, 64, 64), 8, 2), ((64, 64, 64), 4, 3), ((128, 32, 128), 8, 2),
+                 ((64, 128, 64), 4, 2)],
+        "sm80": [((64, 64, 64), 4, 2), ((128, 32, 64), 8, 2), ((64, 32, 128), 4, 3)],
+        "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
+    },
+    "cam_mm": {
+        "sm90": [((64, 128), 4, 4), ((128, 64), 8, 3), ((64, 64), 4, 4), ((128, 128), 8, 3)],
+        "sm80": [((64, 64), 4, 4), ((128, 32), 4, 4), ((128, 64), 8, 3)],
+        "names": ("BLOCK_C", "BLOCK_K"), "dims": ("C", "N"), "operand": "Y",
+    },
+    "cam_apply": {
+        "sm90": [((64, 128, 64), 4, 3), ((128, 128, 64), 8, 3), ((128, 64, 64), 4, 4),
+                 ((64, 256, 32), 8, 3)],
+        "sm80": [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3), ((64, 64, 64), 4, 4)],
+        "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
+    },
+}
+_TABLE["cam_dx"] = _TABLE["cam_apply"]
+
+
+def _arch_name(capability):
+    return "sm90" if capability[0] >= 9 else "sm80"
+
+
+def _smem_estimate(name, meta, stages, args):
+    """Rough shared-memory bytes of a config (pipelined operand tiles), to prune the impossible."""
+    es = args["elt"]
+    if name == "pam_fwd":
+        cq = args["CQ_P"]
+        return es * (meta["BLOCK_M"] * cq + stages * meta["BLOCK_N"] * (cq + meta["BLOCK_CV"]))
+    if name == "pam_dkdv":
+        cq, cv = args["CQ_P"], args["BLOCK_CV"]
+        return es * (meta["BLOCK_N"] * (cq + cv) + stages * meta["BLOCK_M"] * (cq + cv))
+    if name == "pam_dq":
+        cq = args["CQ_P"]
+        return es * (meta["BLOCK_M"] * cq + stages * (meta["BLOCK_N"] * cq
+                     + meta["BLOCK_CV"] * (meta["BLOCK_M"] + meta["BLOCK_N"])))
+    if name == "cam_mm":
+        return es * stages * 2 * meta["BLOCK_C"] * meta["BLOCK_K"]
+    # cam_apply / cam_dx: fp32 A (and G) tiles plus the [K, N] operand tiles
+    k = meta["BLOCK_K"]
+    return stages * (4 * 2 * meta["BLOCK_M"] * k + es * 2 * k * meta["BLOCK_N"])
+
+
+def _prune(name, smem_limit):
+    table = _TABLE[name]
+    tiled = dict(zip(table["names"], table["dims"]))
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        args["elt"] = named_args[table["operand"]].element_size()
+
+        def fits(cfg):
+            for meta_name, size in cfg.kwargs.items():
+                dim = args.get(tiled.get(meta_name))
+                if dim is not None and size > max(16, next_pow2(dim)):
+                    return False
+            return _smem_estimate(name, cfg.kwargs, cfg.num_stages, args) <= smem_limit
+
+        kept = [cfg for cfg in configs if fits(cfg)]
+        if not kept:  # keep the candidate with the least shared memory
+            kept = [min(configs, key=lambda c: _smem_estimate(name, c.kwargs, c.num_stages, args))]
+        return kept
+    return prune
+
+
+_tuned = {}
+
+
+def launcher(kernels_module, name, kernel_name, key, device):
+    """The kernel to launch as kernel[grid](..., **meta): under the interpreter the raw kernel
+    (the caller passes INTERP[name]); on a GPU an autotuned wrapper over the sm90/sm80 table,
+    built on first use for that device's capability."""
+    kernel = getattr(kernels_module, kernel_name)
+    if device.type == "cpu":
+        return kernel
+    capability, _, smem = device_props(device)
+    cache_key = (kernel_name, capability, smem)
+    if cache_key not in _tuned:
+        import triton
+
+        table = _TABLE[name]
+        names = table["names"]
+        configs = [triton.Config(dict(zip(names, meta)), num_warps=w, num_stages=s)
+                   for meta, w, s in table[_arch_name(capability)]]
+        _tuned[cache_key] = triton.autotune(
+            configs=configs, key=key,
+            prune_configs_by={"early_config_prune": _prune(name, smem)})(kernel)
+    return _tuned[cache_key]
+
+
+def meta_for(name, device):
+    """Explicit meta-parameters for a launch: the interpreter's config, or {} (autotuned)."""
+    return dict(INTERP[name]) if device.type == "cpu" else {}
+
+
+def fixed(name, device):
+    """(meta, num_warps) of a kernel launched without autotuning."""
+    if device.type == "cpu":
+        return dict(INTERP[name]), 4
+    meta, warps = GPU_FIXED[name]
+    return dict(meta), warps

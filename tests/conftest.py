@@ -1,0 +1,80 @@
+"""Shared test helpers: input makers, the float64 oracle and the error bound.
+
+Error bound (flash-attention's rule): a backend in dtype D may be off from the float64 oracle by
+at most 2x what PyTorch's own reference computation in dtype D is off, plus a small floor.
+"""
+import os
+
+import pytest
+import torch
+
+import danet_ops
+from danet_ops import reference
+
+LAYOUTS = ("contiguous", "channels_last", "channel_slice")
+
+
+def make(shape, dtype, layout="contiguous", gen=None, scale=1.0):
+    """A [B, C, H, W] tensor in the requested memory layout (values from `gen`)."""
+    B, C, H, W = shape
+    extra = 3 if layout == "channel_slice" else 0
+    t = (torch.randn(B, C + extra, H, W, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if layout == "channel_slice":  # a view into a wider conv output: non-contiguous along C
+        t = t[:, 2:2 + C]
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def pam_inputs(B, Cq, Cv, H, W, dtype=torch.float32, layout="contiguous", residual=True,
+               seed=0, qk_scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    q = make((B, Cq, H, W), dtype, layout, gen, qk_scale)
+    k = make((B, Cq, H, W), dtype, layout, gen, qk_scale)
+    v = make((B, Cv, H, W), dtype, layout, gen)
+    if not residual:
+        return q, k, v, None, None
+    x = make((B, Cv, H, W), dtype, layout, gen)
+    gamma = torch.tensor([0.7], dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    return q, k, v, x, gamma
+
+
+def run_with_grads(fn, inputs, grad_seed=1):
+    """fn(*inputs) and the gradients of <out, w> for a fixed random w."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
+                    dtype=torch.float64).to(out.dtype)
+    out.backward(w)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def to64(inputs):
+    return [None if t is None else t.detach().double() for t in inputs]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_oracle(name, got, oracle, lowp_ref=None, floor=1e-5):
+    """got vs the float64 oracle; bound = max(2 * err(lowp_ref), floor * scale)."""
+    scale = max(oracle.abs().max().item() if oracle.numel() else 0.0, 1.0)
+    bound = floor * scale
+    if lowp_ref is not None:
+        bound = max(bound, 2.0 * max_err(lowp_ref, oracle))
+    err = max_err(got, oracle)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.2e})"
+
+
+@pytest.fixture
+def cuda_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    # Tests pick backends explicitly; a DANET_OPS_BACKEND in the caller's shell must not leak in.
+    monkeypatch.delenv("DANET_OPS_BACKEND", raising=False)
