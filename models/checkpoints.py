@@ -1,0 +1,131 @@
+"""Weights in and out: torchvision ImageNet ResNets into the backbone, released DANet checkpoints,
+mmsegmentation DAHead checkpoints (converted), and this trainer's own checkpoints.
+
+    python -m models.checkpoints mmseg2danet danet_r50-d8_cityscapes.pth danet_r50.pth
+"""
+import argparse
+import os
+
+import torch
+
+from .danet import DANet
+
+
+def load_file(path):
+    """torch.load on CPU with a clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean the same thing here
+        raise RuntimeError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def state_dict_of(obj, where="checkpoint"):
+    """The state dict inside a checkpoint (bare, or under "state_dict"/"model"), "module." prefixes removed."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{where}: expected a state dict (name -> tensor), bare or under 'state_dict' or 'model'")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(backbone, path):
+    """Load torchvision-format ResNet ImageNet weights (``conv1``, ``bn1``, ``layerK.*``; ``fc.*``
+    ignored) from a local file into ``DANet.pretrained``. Dilation does not change any shape."""
+    sd = {k: v for k, v in state_dict_of(load_file(path), path).items() if not k.startswith("fc.")}
+    try:
+        backbone.load_state_dict(sd)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: not a torchvision ResNet of this backbone's depth/stem: {e}") from None
+
+
+# mmsegmentation EncoderDecoder(ResNetV1c, DAHead, FCNHead) -> released DANet names. A key maps by
+# its longest matching prefix; ``None`` drops it.
+_MMSEG = {
+    "backbone.stem.0": "pretrained.conv1.0", "backbone.stem.1": "pretrained.conv1.1",
+    "backbone.stem.3": "pretrained.conv1.3", "backbone.stem.4": "pretrained.conv1.4",
+    "backbone.stem.6": "pretrained.conv1.6", "backbone.stem.7": "pretrained.bn1",
+    "backbone": "pretrained",
+    "decode_head.pam_in_conv.conv": "head.conv5a.0", "decode_head.pam_in_conv.bn": "head.conv5a.1",
+    "decode_head.pam.query_project": "head.sa.query_conv", "decode_head.pam.key_project": "head.sa.key_conv",
+    "decode_head.pam.value_project": "head.sa.value_conv", "decode_head.pam.gamma.scale": "head.sa.gamma",
+    "decode_head.pam_out_conv.conv": "head.conv51.0", "decode_head.pam_out_conv.bn": "head.conv51.1",
+    "decode_head.pam_conv_seg": "head.conv6.1",
+    "decode_head.cam_in_conv.conv": "head.conv5c.0", "decode_head.cam_in_conv.bn": "head.conv5c.1",
+    "decode_head.cam.gamma.scale": "head.sc.gamma",
+    "decode_head.cam_out_conv.conv": "head.conv52.0", "decode_head.cam_out_conv.bn": "head.conv52.1",
+    "decode_head.cam_conv_seg": "head.conv7.1",
+    "decode_head.conv_seg": "head.conv8.1",
+    "auxiliary_head.convs.0.conv": "auxlayer.conv5.0", "auxiliary_head.convs.0.bn": "auxlayer.conv5.1",
+    "auxiliary_head.conv_seg": "auxlayer.conv5.4",
+    "data_preprocessor": None,
+}
+
+
+def convert_mmseg(sd):
+    """Convert an mmsegmentation DANet state dict (``configs/danet``: ResNetV1c backbone, DAHead,
+    FCNHead auxiliary head) to the released layout. ``Scale`` gammas (0-dim) become shape [1].
+    Build the model to load it into with ``deep_stem=True, stem_width=32, align_corners=False``
+    (and ``aux=True`` when the checkpoint has an auxiliary head)."""
+    out, unknown = {}, []
+    for key, value in state_dict_of(sd, "mmseg checkpoint").items():
+        match = max((p for p in _MMSEG if key == p or key.startswith(p + ".")), key=len, default=None)
+        if match is None:
+            unknown.append(key)
+        elif _MMSEG[match] is not None:
+            out[_MMSEG[match] + key[len(match):]] = value.reshape(1) if key.endswith("gamma.scale") else value
+    if unknown:
+        raise ValueError(f"not an mmsegmentation DANet checkpoint: no mapping for {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    return out
+
+
+def load_weights(model, path):
+    """Load a released DANet checkpoint, an mmseg DANet checkpoint (converted) or a checkpoint of this
+    trainer into ``model`` with strict key matching; the backbone's ``pretrained.fc.*`` is ignored."""
+    sd = state_dict_of(load_file(path), path)
+    if any(k.startswith("decode_head.") for k in sd):
+        sd = convert_mmseg(sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith("pretrained.fc.")}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: does not match this DANet (backbone, deep stem, aux head, classes?): {e}") from None
+
+
+def build_model(cfg, nclass):
+    """DANet from a training config dict (see models.train)."""
+    return DANet(nclass, backbone=cfg["backbone"], aux=cfg["aux"], deep_stem=cfg["deep_stem"],
+                 stem_width=cfg["stem_width"], multi_grid=cfg["multi_grid"],
+                 align_corners=cfg["align_corners"], attention_backend=cfg["attention_backend"])
+
+
+def build_model_from_checkpoint(path, map_location="cpu"):
+    """(model with weights, training config) from a checkpoint written by models.train."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a models.train checkpoint (no 'cfg'/'model'); "
+                         "build DANet yourself and use load_weights() for released or mmseg weights")
+    model = build_model(ckpt["cfg"], ckpt["nclass"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(map_location), ckpt["cfg"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert checkpoints to the released DANet layout.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("mmseg2danet", help="mmsegmentation DANet checkpoint -> released DANet state dict")
+    c.add_argument("src")
+    c.add_argument("dst")
+    args = p.parse_args(argv)
+    sd = convert_mmseg(load_file(args.src))
+    torch.save(sd, args.dst)
+    print(f"wrote {len(sd)} tensors to {args.dst}")
+
+
+if __name__ == "__main__":
+    main()
