@@ -1,10 +1,40 @@
-"""Backend "triton" (filled in by the Triton issue): kernels + custom_op registration.
+"""Backend "triton": Triton kernels for PAM and CAM, registered as danet_ops::*_triton ops.
 
-Interface used by danet_ops._backends: `available() -> (bool, reason)`,
+Interface used by danet_ops._backends / functional: `available() -> (bool, reason)`,
 `pam_forward(q, k, v, x, gamma)` and `cam_forward(x, gamma, mode)` with the schemas of
-docs/ARCHITECTURE.md (ops danet_ops::*_triton).
+docs/ARCHITECTURE.md. Importing this package registers the ops (ops.py) without importing
+triton; triton is imported by `available()` (once, cached) or by the first kernel launch.
+Design notes: docs/triton.md.
 """
+import os
+
+import torch
+
+from . import ops  # noqa: F401  (registers the custom ops, fake kernels and autograd)
+from ._common import interpreting, load_triton
+
+__all__ = ["available", "interpreting", "pam_forward", "cam_forward"]
 
 
 def available():
-    return False, "the Triton kernels are not implemented yet"
+    """(True, "") when Triton can run the ops in this process, else (False, why).
+
+    The caller (danet_ops._backends) checks the device and dtype; this checks that triton
+    imports, and that TRITON_INTERPRET=1 (needed for CPU tensors) was already set when triton
+    was imported: the interpreter is chosen once per process at that moment.
+    """
+    triton, why = load_triton()
+    if triton is None:
+        return False, why
+    if os.environ.get("TRITON_INTERPRET") == "1" and not interpreting():
+        return False, ("TRITON_INTERPRET=1 was set after triton had been imported in this "
+                       "process; set it before anything imports triton")
+    return True, ""
+
+
+def pam_forward(q, k, v, x, gamma):
+    return torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma)
+
+
+def cam_forward(x, gamma, mode):
+    return torch.ops.danet_ops.cam_forward_triton(x, gamma, mode)

@@ -5,6 +5,8 @@ Conventions shared by every kernel:
     channel-major output of a 1x1 conv (contiguous or channels_last) is read in place;
   * batch index and channel offsets are 64-bit (B*C*N may exceed 2^31); pointer tiles are
     built once and advanced by a scalar stride per loop step;
+  * scalar conditions are broadcast to a block before they meet a block mask (the triton 3.9
+    interpreter turns block_bool & scalar_bool into int32);
   * every product accumulates in fp32; PREC is tl.dot's input_precision ("ieee" or "tf32",
     only meaningful for fp32 operands); F32_DOT upcasts both operands to fp32 before a dot
     (set for bf16 under the interpreter, whose bf16 tl.dot is wrong in triton 3.9);
@@ -93,7 +95,8 @@ def pam_fwd_kernel(
     tl.store(O + b * s_ob + m64[:, None] * s_on + c64[None, :] * s_oc,
              o.to(O.dtype.element_ty), mask=out_mask)
     lse = (m_i + tl.log2(l_i)) / LOG2E
-    tl.store(LSE + b * s_lb + m64 * s_ln, lse, mask=m_mask & (pid_c == 0))
+    first = (pid_c + tl.zeros((BLOCK_M,), tl.int32)) == 0         # one chunk stores lse
+    tl.store(LSE + b * s_lb + m64 * s_ln, lse, mask=m_mask & first)
     if HAS_RES:
         g = tl.load(GAMMA).to(tl.float32)
         x = tl.load(X + b * s_xb + m64[:, None] * s_xn + c64[None, :] * s_xc,
@@ -326,7 +329,8 @@ def cam_mm_nt_partial_kernel(
         y_ptrs += BLOCK_K * s_yn
     mask = i_mask[:, None] & j_mask[None, :]
     if SYMMETRIC:
-        mask = mask & (offs_i[:, None] <= offs_j[None, :]) & (bi <= bj)
+        upper = (offs_i[:, None] <= offs_j[None, :]) & ((bi + 0 * offs_j[None, :]) <= bj)
+        mask = mask & upper
     tl.store(P + s.to(tl.int64) * s_ps + b * s_pb + i64[:, None] * s_pi + j64[None, :], acc,
              mask=mask)
 
@@ -397,12 +401,13 @@ def cam_apply_kernel(
     """O[b, i, n] = sum_k A[b, i, k] a[b, k, n];  Y = gamma * O + a  (HAS_RES).
 
     A: [B, C, C] fp32 (cast to a's dtype for the product); X (= a), O, Y: [B, C, N].
-    Grid (cdiv(C, BLOCK_M), cdiv(N, BLOCK_N), B): row blocks vary fastest, so programs that
+    Grid (cdiv(C, BLOCK_M) * cdiv(N, BLOCK_N), B): row blocks vary fastest, so programs that
     run together share the same [C, BLOCK_N] column block of a in L2.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_m = pid % tl.cdiv(C, BLOCK_M)
+    pid_n = pid // tl.cdiv(C, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -492,13 +497,14 @@ def cam_bwd_dx_kernel(
                  + sum_k (G[i, k] + G[k, i]) a[k, n]             (one product with dE + dE^T)
                  + [HAS_GAMMA] dy[i, n]                          (residual y = gamma O + a)
 
-    A, G: [B, C, C] fp32; X (= a), DY, DX: [B, C, N]. Grid (cdiv(C, BLOCK_M), cdiv(N, BLOCK_N), B).
-    The (dE + dE^T) tile stays fp32 when M_F32 (fp32 and fp16 inputs: dE can exceed the fp16
-    range), with input_precision PREC_M; for bf16 it is cast to bf16 (same range as fp32).
+    A, G: [B, C, C] fp32; X (= a), DY, DX: [B, C, N]. Grid (cdiv(C, BLOCK_M) * cdiv(N, BLOCK_N), B),
+    row blocks fastest. The (dE + dE^T) tile stays fp32 when M_F32 (fp32 and fp16 inputs: dE
+    can exceed the fp16 range), with input_precision PREC_M; for bf16 it is cast to bf16.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_m = pid % tl.cdiv(C, BLOCK_M)
+    pid_n = pid // tl.cdiv(C, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

@@ -1,0 +1,178 @@
+"""Host side of the Triton PAM ops: checks, allocation, grids, launches (kernels.py).
+
+forward:  pam_fwd_kernel, grid (query blocks, B, Cv chunks) -> o, lse, y
+backward: rowdot_kernel (R = rowsum(dy o), grid (query blocks, B))
+          pam_bwd_dkdv_kernel (grid (key blocks, B, Cv chunks)) -> dv, per-chunk dK partials
+          pam_bwd_dq_kernel (grid (query blocks, B)) -> dq
+          dk = sum of the chunk partials (fixed order); dgamma = sum(R).
+No atomics anywhere, so results are bitwise reproducible for a given device and config.
+"""
+import torch
+
+from . import _common as C
+from . import kernels as K
+
+_AUTOTUNE_KEY = ["N_KEY", "CQ", "CV"]
+
+
+def _cq_pad(cq):
+    return max(16, C.next_pow2(cq))
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"pam (triton): q, k, v must be [B, C, N]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape != k.shape or v.shape[0] != q.shape[0] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"pam (triton): q, k must be [B, Cq, N] and v [B, Cv, N]; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not 1 <= q.shape[1] <= 256:
+        raise ValueError(f"pam (triton): Cq = {q.shape[1]} outside 1..256")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"pam (triton): q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    C.check_dtypes((("q", q),))
+    C.check_device(q)
+
+
+def forward(q, k, v, x, gamma):
+    """q, k: [B, Cq, N]; v: [B, Cv, N]; x: [B, Cv, N] | None; gamma: [1] | None (any strides).
+    -> o [B, Cv, N] (v's dtype), lse [B, N] fp32, y = gamma*o + x [B, Cv, N] (or shape [0])."""
+    _check_qkv(q, k, v)
+    if (x is None) != (gamma is None):
+        raise ValueError("pam (triton): give both x and gamma, or neither")
+    residual = x is not None
+    if residual:
+        C.check_dtypes((("x", x), ("gamma", gamma)))
+        if x.shape != v.shape:
+            raise ValueError(f"pam (triton): x must have v's shape {tuple(v.shape)}; got {tuple(x.shape)}")
+    B, Cq, N = q.shape
+    Cv = v.shape[1]
+    dev = q.device
+    o = torch.empty((B, Cv, N), dtype=v.dtype, device=dev)
+    lse = torch.empty((B, N), dtype=torch.float32, device=dev)
+    if residual:
+        y_dtype = torch.promote_types(torch.promote_types(v.dtype, x.dtype), gamma.dtype)
+        y = torch.empty((B, Cv, N), dtype=y_dtype, device=dev)
+    else:
+        y = v.new_empty((0,))
+    if B == 0 or N == 0:
+        return o, lse, y
+
+    kern = C.launcher(K, "pam_fwd", "pam_fwd_kernel", _AUTOTUNE_KEY, dev)
+    meta = C.meta_for("pam_fwd", dev)
+    xs = _strides(x) if residual else (0, 0, 0)
+    ys = _strides(y) if residual else (0, 0, 0)
+
+    def grid(m):
+        return (triton_cdiv(N, m["BLOCK_M"]), B, triton_cdiv(Cv, m["BLOCK_CV"]))
+
+    with _on(dev):
+        kern[grid](
+            q, k, v, x if residual else o, gamma if residual else lse, o, lse, y if residual else o,
+            N, Cq, Cv,
+            *_strides(q), *_strides(k), *_strides(v), *xs,
+            *_strides(o), *_strides(lse), *ys,
+            C.n_key(N),
+            CQ_P=_cq_pad(Cq), HAS_RES=residual, PREC=C.dot_precision(v.dtype),
+            F32_DOT=C.f32_dot(v.dtype), **meta)
+    return o, lse, y
+
+
+def rowdot(dy, o):
+    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N]."""
+    B, Cc, N = o.shape
+    dev = o.device
+    r = torch.empty((B, N), dtype=torch.float32, device=dev)
+    if B == 0 or N == 0:
+        return r
+    meta, warps = C.fixed("rowdot", dev)
+    with _on(dev):
+        K.rowdot_kernel[(triton_cdiv(N, meta["BLOCK_M"]), B)](
+            dy, o, r, N, Cc, *_strides(dy), *_strides(o), *_strides(r),
+            num_warps=warps, **meta)
+    return r
+
+
+def backward(dy, q, k, v, o, lse, gamma):
+    """dy: [B, Cv, N] gradient of y (gamma given) or of o. -> dq, dk, dv (shapes/dtypes of
+    q, k, v, contiguous), dgamma ([1] fp32 = sum(dy*o), or shape [0] without gamma)."""
+    _check_qkv(q, k, v)
+    if dy.shape != v.shape or o.shape != v.shape:
+        raise ValueError(f"pam_backward (triton): dy and o must have v's shape {tuple(v.shape)}; "
+                         f"got dy {tuple(dy.shape)}, o {tuple(o.shape)}")
+    if lse.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"pam_backward (triton): lse must be [B, N]; got {tuple(lse.shape)}")
+    C.check_dtypes((("dy", dy), ("o", o), ("gamma", gamma)))
+    B, Cq, N = q.shape
+    Cv = v.shape[1]
+    dev = q.device
+    dq = torch.empty((B, Cq, N), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, Cq, N), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Cv, N), dtype=v.dtype, device=dev)
+    has_gamma = gamma is not None
+    if B == 0 or N == 0:
+        dgamma = torch.zeros((1,) if has_gamma else (0,), dtype=torch.float32, device=dev)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dgamma
+
+    r = rowdot(dy, o)                                   # Delta = gamma * r (in the kernels)
+    lse = lse if lse.dtype == torch.float32 else lse.float()
+    gptr = gamma if has_gamma else r
+    cq_p = _cq_pad(Cq)
+    prec, f32 = C.dot_precision(v.dtype), C.f32_dot(v.dtype)
+    interp = dev.type == "cpu"
+
+    # dK/dV: one program per (key block, batch, Cv chunk); chunks > 1 write fp32 dK partials.
+    block_cv = min(max(16, C.next_pow2(Cv)), C.PAM_BWD_BLOCK_CV["interp" if interp else "gpu"])
+    chunks = triton_cdiv(Cv, block_cv)
+    dkp = dk.unsqueeze(0) if chunks == 1 else torch.empty((chunks, B, Cq, N), dtype=torch.float32,
+                                                          device=dev)
+    kern = C.launcher(K, "pam_dkdv", "pam_bwd_dkdv_kernel", _AUTOTUNE_KEY, dev)
+    meta = C.meta_for("pam_dkdv", dev)
+
+    def grid_kv(m):
+        return (triton_cdiv(N, m["BLOCK_N"]), B, chunks)
+
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dy),
+              *_strides(lse), *_strides(r))
+    with _on(dev):
+        kern[grid_kv](
+            q, k, v, dy, lse, r, gptr, dv, dkp, N, Cq, Cv, *common,
+            *_strides(dv), *_strides(dkp), C.n_key(N),
+            CQ_P=cq_p, HAS_GAMMA=has_gamma, PREC=prec, F32_DOT=f32, BLOCK_CV=block_cv, **meta)
+
+        kern = C.launcher(K, "pam_dq", "pam_bwd_dq_kernel", _AUTOTUNE_KEY, dev)
+        meta = C.meta_for("pam_dq", dev)
+        kern[lambda m: (triton_cdiv(N, m["BLOCK_M"]), B)](
+            q, k, v, dy, lse, r, gptr, dq, N, Cq, Cv, *common, *_strides(dq), C.n_key(N),
+            CQ_P=cq_p, HAS_GAMMA=has_gamma, PREC=prec, F32_DOT=f32, **meta)
+    if chunks > 1:
+        dk.copy_(dkp.sum(0))                            # fixed-order sum of the chunk partials
+    if has_gamma:
+        dgamma = r.sum().reshape(1)
+    else:
+        dgamma = torch.empty((0,), dtype=torch.float32, device=dev)
+    return dq, dk, dv, dgamma
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+class _on:
+    """Launch on the tensors' CUDA device (Triton uses the current device and stream)."""
+
+    def __init__(self, device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
