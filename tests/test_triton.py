@@ -1,0 +1,514 @@
+"""Backend "triton": the Triton kernels against the float64 oracle, on CPU through the Triton
+interpreter (any machine) and on CUDA (skipped without a GPU).
+
+Why a child process. Triton decides once per process, when it is first imported, whether
+kernels are interpreted (TRITON_INTERPRET=1 at that moment) or compiled, and importing
+danet_ops imports triton (torch._dynamo, pulled in by the op registration, imports it). So
+the tests marked @interpreted run in one child `pytest` started with TRITON_INTERPRET=1, and
+in this process each of them reports its own outcome from the child's junit report (the first
+one to run pays for the whole child). If this process already interprets (the suite was started
+with TRITON_INTERPRET=1), they run here directly. Nothing in the environment of this process
+changes, so the rest of the suite runs as before, and CUDA tests here use compiled kernels.
+"""
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import danet_ops
+from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
+                       position_attention, reference)
+from danet_ops import _triton
+from danet_ops._triton import _common
+from conftest import (assert_close_to_oracle, make, max_err, pam_inputs, run_with_grads, to64)
+
+ops = torch.ops.danet_ops
+IN_INTERPRETER = _triton.interpreting()
+_CHILD_FLAG = "DANET_OPS_TRITON_TEST_CHILD"
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+# ----------------------------------------------------------------------------- child process
+_child = {"selected": [], "results": None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _selected_interpreted_tests(request):
+    """Remember which @interpreted tests this session selected (the child runs exactly those)."""
+    _child["selected"] = [item.nodeid for item in request.session.items
+                          if item.module is sys.modules[__name__]
+                          and getattr(item.function, "_interpreted", False)]
+    _child["rootdir"] = str(request.config.rootpath)
+    yield
+
+
+def _run_child():
+    if os.environ.get(_CHILD_FLAG) == "1":
+        raise RuntimeError("the TRITON_INTERPRET=1 child did not get an interpreting triton")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "junit.xml")
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               f"--junitxml={report}", f"--rootdir={_child['rootdir']}", *_child["selected"]]
+        try:
+            proc = subprocess.run(cmd, cwd=_child["rootdir"], env=env, capture_output=True,
+                                  text=True, timeout=1200)
+            out = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            out = f"child timed out after {exc.timeout} s"
+        results = {}
+        if os.path.exists(report):
+            for case in ET.parse(report).getroot().iter("testcase"):
+                outcome, text = "passed", ""
+                for child in case:
+                    if child.tag in ("failure", "error"):
+                        outcome = "failed"
+                        text = (child.get("message") or "") + "\n" + (child.text or "")
+                        break
+                    if child.tag == "skipped":
+                        outcome, text = "skipped", child.get("message") or ""
+                results[case.get("name")] = (outcome, text)
+    _child["results"] = results
+    _child["output"] = out[-4000:]
+
+
+def _replay():
+    if _child["results"] is None:
+        _run_child()
+    nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+    name = nodeid.split("::")[-1]
+    outcome, text = _child["results"].get(name, (None, ""))
+    if outcome == "passed":
+        return
+    if outcome == "skipped":
+        pytest.skip(text)
+    if outcome == "failed":
+        pytest.fail(f"[in the TRITON_INTERPRET=1 child]\n{text}", pytrace=False)
+    pytest.fail(f"no result for {name} from the TRITON_INTERPRET=1 child; its output:\n"
+                f"{_child['output']}", pytrace=False)
+
+
+def interpreted(fn):
+    """Run fn under the Triton interpreter: here if this process interprets, else in the child."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if IN_INTERPRETER:
+            return fn(*args, **kwargs)
+        return _replay()
+    wrapper._interpreted = True
+    return wrapper
+
+
+def needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if IN_INTERPRETER:
+        pytest.skip("this process runs Triton in the interpreter; the CUDA tests need compiled kernels")
+    ok, why = _triton.available()
+    if not ok:
+        pytest.skip(f"triton unavailable: {why}")
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------- comparisons
+PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
+
+
+def _compare_pam(inputs, dtype, backend="triton"):
+    """y and every gradient vs the float64 oracle, bounded by 2x the same-dtype reference error."""
+    fn = lambda *t: position_attention(*t, backend=backend)  # noqa: E731
+    got, grads = run_with_grads(fn, inputs)
+    ref64, grads64 = run_with_grads(reference.position_attention, to64(inputs))
+    lowp, grads_lowp = run_with_grads(reference.position_attention, inputs)
+    for name, g, o, lp in zip(PAM_NAMES, [got] + grads, [ref64] + grads64, [lowp] + grads_lowp):
+        if o is None:
+            continue
+        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, reference gives {lp.dtype}"
+        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
+
+
+def cam_inputs(B, C, H, W, dtype, layout="contiguous", residual=True, seed=0, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    x = make((B, C, H, W), dtype, layout, gen, scale)
+    gamma = torch.tensor([0.6]) if residual else None
+    return x, gamma
+
+
+def _compare_cam(x, gamma, mode, dtype, backend="triton"):
+    fn = lambda *t: channel_attention(*t, mode=mode, backend=backend)  # noqa: E731
+    got, grads = run_with_grads(fn, [x, gamma])
+    ref64, grads64 = run_with_grads(lambda *t: reference.channel_attention(*t, mode=mode),
+                                    to64([x, gamma]))
+    lowp, grads_lowp = run_with_grads(lambda *t: reference.channel_attention(*t, mode=mode),
+                                      [x, gamma])
+    for name, g, o, lp in zip(("y", "dx", "dgamma"), [got] + grads, [ref64] + grads64,
+                              [lowp] + grads_lowp):
+        if o is None:
+            continue
+        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, reference gives {lp.dtype}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
+
+
+# ============================================================================ interpreter: PAM
+PAM_SHAPES = [  # B, Cq, Cv, H, W   (interpreter blocks: 16 positions, 16 value channels)
+    (2, 5, 24, 7, 5),     # N = 35: ragged query/key blocks; Cv = 24: two value chunks
+    (1, 3, 12, 4, 4),     # N = 16: exactly one block; one value chunk (dK written directly)
+    (1, 1, 1, 17, 1),     # Cq = Cv = 1, N = 17
+    (1, 20, 40, 3, 3),    # Cq = 20 padded to 32; three value chunks, the last one ragged
+]
+
+
+@pytest.mark.parametrize("shape", PAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@interpreted
+def test_interp_pam_matches_oracle(shape, dtype):
+    _compare_pam(pam_inputs(*shape, dtype=dtype), dtype)
+
+
+@interpreted
+def test_interp_pam_bf16_upcast_path():
+    # The interpreter's bf16 tl.dot is wrong; the kernels upcast bf16 tiles there (f32_dot).
+    assert _common.f32_dot(torch.bfloat16) and not _common.f32_dot(torch.float16)
+    _compare_pam(pam_inputs(2, 5, 24, 7, 5, dtype=torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
+@interpreted
+def test_interp_pam_layouts(layout):
+    inputs = pam_inputs(2, 4, 20, 5, 7, dtype=torch.float32, layout=layout)
+    assert not inputs[0].is_contiguous()
+    _compare_pam(inputs, torch.float32)
+
+
+@interpreted
+def test_interp_pam_without_residual_and_gamma_zero():
+    _compare_pam(pam_inputs(2, 4, 20, 6, 5, residual=False), torch.float32)
+    # gamma = 0: y = x, yet dgamma = sum(dy * O) must be exact and dq, dk, dv zero.
+    q, k, v, x, g = pam_inputs(1, 4, 20, 6, 5)
+    g = torch.zeros(1, requires_grad=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, x)]
+    y = position_attention(*leaves, g, backend="triton")
+    assert torch.equal(y, x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    o64 = reference.position_attention(*to64([q, k, v]))
+    assert abs(g.grad.item() - (w.double() * o64).sum().item()) < 1e-4
+    assert all(t.grad.abs().max() == 0 for t in leaves[:3])
+    assert torch.equal(leaves[3].grad, w)
+
+
+@interpreted
+def test_interp_pam_mixed_dtypes_from_autocast():
+    # autocast gives fp16 q, k, v with fp32 x and gamma: y is fp32, dy reaches the op as fp32.
+    q, k, v, _, _ = pam_inputs(1, 4, 20, 5, 5, dtype=torch.float16)
+    _, _, _, x, g = pam_inputs(1, 4, 20, 5, 5, dtype=torch.float32)
+    _compare_pam([q, k, v, x, g], torch.float16)
+
+
+@interpreted
+def test_interp_pam_host_code_makes_no_copies():
+    # Strided (channels_last) inputs are read in place: the host code only allocates outputs
+    # (and small fp32 row buffers); no aten copy, clone or contiguous of an input happens.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from danet_ops._triton import pam
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2)
+                     for t in pam_inputs(2, 4, 20, 5, 7, layout="channels_last")]
+    with Log() as log:
+        o, lse, y = pam.forward(q, k, v, x, g)
+        pam.backward(torch.randn_like(y), q, k, v, o, lse, g)
+    # (aten.copy_ is not counted: the interpreter copies every kernel argument back after a
+    # launch, and dk.copy_(partials.sum(0)) writes into a fresh output.)
+    copies = [op for op in log.ops if op in ("aten.clone", "aten._to_copy", "aten.contiguous")]
+    assert not copies, log.ops
+    assert "aten.empty" in log.ops        # the log does see the host code's aten calls
+
+
+@interpreted
+def test_interp_pam_empty_and_direct_op():
+    q = torch.randn(2, 3, 0)
+    o, lse, y = ops.pam_forward_triton(q, q, torch.randn(2, 5, 0), None, None)
+    assert o.shape == (2, 5, 0) and lse.shape == (2, 0) and y.shape == (0,)
+    with pytest.raises(ValueError, match="float64"):
+        ops.pam_forward_triton(*[torch.randn(1, 2, 4, dtype=torch.float64)] * 3, None, None)
+    with pytest.raises(ValueError, match="Cq = 300"):
+        ops.pam_forward_triton(torch.randn(1, 300, 4), torch.randn(1, 300, 4),
+                               torch.randn(1, 2, 4), None, None)
+
+
+# ============================================================================ interpreter: CAM
+CAM_SHAPES = [  # B, C, H, W
+    (2, 20, 7, 7),      # C = 20: two channel blocks (upper pair mirrored); N = 49: two N splits
+    (1, 5, 3, 3),       # one block, one split
+    (1, 33, 10, 5),     # three blocks, the last ragged
+]
+
+
+@pytest.mark.parametrize("shape", CAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["original", "paper"])
+@interpreted
+def test_interp_cam_matches_oracle(shape, dtype, mode):
+    x, g = cam_inputs(*shape, dtype=dtype)
+    _compare_cam(x, g, mode, dtype)
+
+
+@interpreted
+def test_interp_cam_bf16_no_residual():
+    x, _ = cam_inputs(2, 20, 7, 7, dtype=torch.bfloat16)
+    _compare_cam(x, None, "paper", torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout,mode", [("channels_last", "original"), ("channel_slice", "paper")])
+@interpreted
+def test_interp_cam_layouts(layout, mode):
+    x, g = cam_inputs(2, 20, 7, 7, dtype=torch.float32, layout=layout)
+    assert not x.is_contiguous()
+    _compare_cam(x, g, mode, torch.float32)
+
+
+@interpreted
+def test_interp_cam_split_reduction_covers_all_of_n():
+    # The partial products are split over N; every split must be summed exactly once.
+    from danet_ops._triton import cam
+
+    S, chunk = cam._splits(1, 20, 49, torch.device("cpu"), True)
+    assert S == 2 and chunk * (S - 1) < 49 <= chunk * S
+    x = torch.randn(1, 20, 49)
+    _, attn, _ = ops.cam_forward_triton(x, None, "paper")
+    assert max_err(attn, torch.softmax(x @ x.transpose(1, 2), -1)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["original", "paper"])
+@interpreted
+def test_interp_cam_fp16_energy_beyond_fp16_range(mode):
+    # E reaches ~1e5 > 65504: the fp16 reference overflows (inf, then NaN), the kernels do not.
+    x = (torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(3)) * 40).half()
+    assert not torch.isfinite(reference.channel_attention(x, mode=mode)).all()
+    xr = x.clone().requires_grad_()
+    y = channel_attention(xr, mode=mode, backend="triton")
+    y.float().sum().backward()
+    x64 = x.double().requires_grad_()
+    y64 = reference.channel_attention(x64, mode=mode)
+    y64.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
+    assert max_err(y, y64) <= 2e-3 * y64.abs().max().item()
+    # the gradient is large and partly cancelling here; fp16 storage bounds its accuracy
+    assert max_err(xr.grad, x64.grad) <= 2e-2 * x64.grad.abs().max().item()
+
+
+# ============================================================================ interpreter: torch.library
+@pytest.mark.parametrize("residual", [True, False])
+@interpreted
+def test_interp_opcheck_pam(residual):
+    q, k, v, x, g = pam_inputs(1, 3, 5, 3, 3, residual=residual, layout="channels_last")
+    args = [None if a is None else (a if a.dim() == 1 else a.flatten(2)).requires_grad_()
+            for a in (q, k, v, x, g)]
+    torch.library.opcheck(ops.pam_forward_triton.default, tuple(args))
+    o, lse, y = ops.pam_forward_triton(*[None if a is None else a.detach() for a in args])
+    dy = torch.randn_like(o)
+    torch.library.opcheck(ops.pam_backward_triton.default,
+                          (dy, *[a.detach() for a in args[:3]], o, lse,
+                           None if g is None else g.detach()))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@interpreted
+def test_interp_opcheck_cam(residual):
+    x, g = cam_inputs(1, 6, 3, 3, dtype=torch.float32, residual=residual)
+    x = x.flatten(2).requires_grad_()
+    torch.library.opcheck(ops.cam_forward_triton.default, (x, g, "original"))
+    o, attn, y = ops.cam_forward_triton(x.detach(), g, "original")
+    torch.library.opcheck(ops.cam_backward_triton.default,
+                          (torch.randn_like(o), x.detach(), attn, o, g, "original"))
+
+
+def _compiled_matches_eager(module, x, backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = module(xe)
+    ye.sum().backward()
+    ge = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    yc = compiled(xc)
+    yc.sum().backward()
+    assert max_err(yc, ye) < 1e-5
+    assert max_err(xc.grad, xe.grad) < 1e-5
+    for p, g in zip(module.parameters(), ge):
+        assert max_err(p.grad, g) < 1e-4
+
+
+@interpreted
+def test_interp_compile_fullgraph_aot_eager():
+    # fullgraph=True raises on any graph break; aot_eager runs AOTAutograd through the fake
+    # kernels and the registered autograd, and calls the Triton ops (interpreted) at run time.
+    torch.manual_seed(0)
+    pam = PositionAttention(16, backend="triton")
+    with torch.no_grad():
+        pam.gamma.fill_(0.5)
+    _compiled_matches_eager(pam, torch.randn(2, 16, 5, 4), "aot_eager")
+    cam = ChannelAttention(backend="triton")
+    with torch.no_grad():
+        cam.gamma.fill_(0.5)
+    _compiled_matches_eager(cam, torch.randn(2, 16, 5, 4) * 0.3, "aot_eager")
+
+
+@pytest.mark.slow
+@interpreted
+def test_interp_compile_fullgraph_inductor():
+    torch.manual_seed(0)
+    pam = PositionAttention(16, backend="triton")
+    with torch.no_grad():
+        pam.gamma.fill_(0.5)
+    _compiled_matches_eager(pam, torch.randn(2, 16, 5, 4), "inductor")
+
+
+# ============================================================================ this process
+def test_dot_precision_policy():
+    prev = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _common.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _common.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _common.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(prev[0])
+        torch.backends.cuda.matmul.allow_tf32 = prev[1]
+    assert _common.dot_precision(torch.float16) == _common.dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_ops_registered_with_the_architecture_schemas():
+    want = {
+        "pam_forward_triton": "(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma) -> (Tensor, Tensor, Tensor)",
+        "pam_backward_triton": "(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
+        "cam_forward_triton": "(Tensor x, Tensor? gamma, str mode) -> (Tensor, Tensor, Tensor)",
+        "cam_backward_triton": "(Tensor dy, Tensor x, Tensor attn, Tensor o, Tensor? gamma, str mode) -> (Tensor, Tensor)",
+    }
+    for name, sig in want.items():
+        assert str(getattr(ops, name).default._schema) == f"danet_ops::{name}{sig}"
+
+
+def test_import_is_lazy_and_never_touches_the_gpu():
+    # Importing the package and asking available() must not load the kernel modules nor
+    # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
+    code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
+            "assert 'danet_ops._triton.kernels' not in sys.modules; "
+            "assert 'danet_ops._triton.pam' not in sys.modules; "
+            "assert not torch.cuda.is_initialized(); print(ok)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_cpu_tensors_without_interpreter_are_refused():
+    if IN_INTERPRETER:
+        pytest.skip("this process interprets Triton")
+    q = torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.pam_forward_triton(q, q, q, None, None)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.cam_forward_triton(q, None, "paper")
+
+
+# ============================================================================ CUDA (compiled kernels)
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda(inputs, dev):
+    return [None if t is None else t.to(dev) for t in inputs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 64, 512, 32, 32), (1, 8, 24, 37, 29), (1, 256, 64, 16, 16),
+                                   (1, 16, 4096, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_pam_matches_oracle(dtype, shape, monkeypatch):
+    dev = needs_cuda()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    _compare_pam(_cuda(pam_inputs(*shape, dtype=dtype), dev), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["original", "paper"])
+def test_cuda_cam_matches_oracle(dtype, mode):
+    dev = needs_cuda()
+    for shape in [(2, 512, 32, 32), (1, 37, 29, 31)]:
+        x, g = cam_inputs(*shape, dtype=dtype, scale=0.05)
+        _compare_cam(x.to(dev), g.to(dev), mode, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
+def test_cuda_layouts(layout):
+    dev = needs_cuda()
+    inputs = _cuda(pam_inputs(2, 16, 64, 24, 20, dtype=torch.float16, layout=layout), dev)
+    _compare_pam(inputs, torch.float16)
+    x, g = cam_inputs(2, 64, 24, 20, dtype=torch.float16, layout=layout, scale=0.1)
+    _compare_cam(x.to(dev), g.to(dev), "original", torch.float16)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic():
+    # No atomics: the same call gives bitwise the same results (autotuning done on the first).
+    dev = needs_cuda()
+    q, k, v, x, g = _cuda(pam_inputs(2, 64, 256, 48, 48, dtype=torch.bfloat16), dev)
+    dy = torch.randn_like(v)
+    xc = make((2, 256, 48, 48), torch.bfloat16).to(dev).flatten(2)
+    runs = []
+    for _ in range(3):
+        o, lse, y = ops.pam_forward_triton(q, k, v, x, g)
+        run = (o, lse, y) + ops.pam_backward_triton(dy, q, k, v, o, lse, g)
+        o, attn, y = ops.cam_forward_triton(xc, g, "original")
+        runs.append(run + (o, attn, y) + ops.cam_backward_triton(dy, xc, attn, o, g, "original"))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.gpu
+def test_cuda_tf32_policy_is_honoured():
+    dev = needs_cuda()
+    inputs = _cuda(pam_inputs(1, 64, 128, 32, 32, dtype=torch.float32, residual=False), dev)
+    oracle = reference.position_attention(*to64(inputs[:3]))
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        err_ieee = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        err_tf32 = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert err_ieee < 1e-5 < err_tf32
+
+
+@pytest.mark.gpu
+def test_cuda_compile_inductor():
+    dev = needs_cuda()
+    torch.manual_seed(0)
+    pam = PositionAttention(64, backend="triton").to(dev)
+    with torch.no_grad():
+        pam.gamma.fill_(0.5)
+    _compiled_matches_eager(pam, torch.randn(2, 64, 16, 16, device=dev), "inductor")
