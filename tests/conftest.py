@@ -67,6 +67,31 @@ def assert_close_to_oracle(name, got, oracle, lowp_ref=None, floor=1e-5):
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.2e})"
 
 
+def compare_to_oracle(fn, oracle_fn, inputs, names, floor):
+    """fn(*inputs) and its input gradients vs oracle_fn in float64 (error bound above).
+
+    names: one per compared quantity (the output, then each input's gradient).
+    Returns the outputs and gradients of fn.
+    """
+    dtype = inputs[0].dtype
+    got, grads = run_with_grads(fn, inputs)
+    ref64, grads64 = run_with_grads(oracle_fn, to64(inputs))
+    lowp_all = [None] * (1 + len(grads64))
+    if dtype != torch.float64:
+        lowp, grads_lowp = run_with_grads(oracle_fn, inputs)
+        lowp_all = [lowp] + grads_lowp
+    for i, (name, g, o, lp) in enumerate(zip(names, [got] + grads, [ref64] + grads64, lowp_all)):
+        if o is None:
+            continue
+        want = got.dtype if i == 0 else inputs[i - 1].dtype
+        if i == 0 and lp is not None:
+            want = lp.dtype                     # the output dtype the reference gives
+        assert g.dtype == want, f"{name}: dtype {g.dtype}, expected {want}"
+        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
+        assert_close_to_oracle(name, g, o, lp, floor)
+    return got, grads
+
+
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():

@@ -4,7 +4,7 @@ import torch
 
 import danet_ops
 from danet_ops import PositionAttention, position_attention, reference
-from conftest import (LAYOUTS, assert_close_to_oracle, max_err, pam_inputs, run_with_grads,
+from conftest import (LAYOUTS, compare_to_oracle, max_err, pam_inputs, run_with_grads,
                       to64)
 
 NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
@@ -18,29 +18,16 @@ SHAPES = [  # B, Cq, Cv, H, W  (ragged: N never a multiple of the 256 tile excep
 ]
 
 
-def _compare(backend, inputs, dtype, floor):
+def _compare(backend, inputs, floor):
     fn = lambda *t: position_attention(*t, backend=backend)  # noqa: E731
-    got, grads = run_with_grads(fn, inputs)
-    ref64, grads64 = run_with_grads(reference.position_attention, to64(inputs))
-    if dtype == torch.float64:  # the oracle itself; no low-precision reference to bound by
-        lowp, grads_lowp = ref64, [None] * len(grads64)
-    else:
-        lowp, grads_lowp = run_with_grads(reference.position_attention, inputs)
-    for name, g, o, lp in zip(NAMES, [got] + grads, [ref64] + grads64,
-                              [lowp] + grads_lowp):
-        if o is None:
-            continue
-        want = (inputs[NAMES.index(name) - 1] if name != "y" else lp).dtype
-        assert g.dtype == want, f"{name}: dtype {g.dtype}, expected {want}"
-        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
-        assert_close_to_oracle(name, g, o, lp if dtype != torch.float64 else None, floor)
+    compare_to_oracle(fn, reference.position_attention, inputs, NAMES, floor)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cpu_matches_oracle(shape, dtype):
     floor = 1e-10 if dtype == torch.float64 else 1e-5
-    _compare("cpu", pam_inputs(*shape, dtype=dtype), dtype, floor)
+    _compare("cpu", pam_inputs(*shape, dtype=dtype), floor)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -50,30 +37,30 @@ def test_cpu_layouts(layout):
         assert inputs[0].is_contiguous(memory_format=torch.channels_last)
     else:
         assert layout == "contiguous" or not inputs[0].is_contiguous()
-    _compare("cpu", inputs, torch.float64, 1e-10)
+    _compare("cpu", inputs, 1e-10)
 
 
 def test_cpu_transposed_spatial_view():
     # [B, C, W, H] transposed into [B, C, H, W]: H, W do not merge, flatten(2) gathers a copy.
     q, k, v, x, g = pam_inputs(1, 4, 6, 7, 5, dtype=torch.float64)
     t = [a.transpose(2, 3) for a in (q, k, v, x)]
-    _compare("cpu", t + [g], torch.float64, 1e-10)
+    _compare("cpu", t + [g], 1e-10)
 
 
 def test_cpu_without_residual_returns_o():
     inputs = pam_inputs(2, 4, 8, 9, 7, dtype=torch.float64, residual=False)
-    _compare("cpu", inputs, torch.float64, 1e-10)
+    _compare("cpu", inputs, 1e-10)
 
 
 def test_cpu_3d_inputs():
     q, k, v, x, g = pam_inputs(2, 4, 8, 1, 50, dtype=torch.float64)
-    _compare("cpu", [a.flatten(2) for a in (q, k, v, x)] + [g], torch.float64, 1e-10)
+    _compare("cpu", [a.flatten(2) for a in (q, k, v, x)] + [g], 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cpu_half_inputs_computed_in_fp32(dtype):
     inputs = pam_inputs(2, 8, 16, 17, 9, dtype=dtype)
-    _compare("cpu", inputs, dtype, 1e-3)
+    _compare("cpu", inputs, 1e-3)
     out = position_attention(*inputs, backend="cpu")
     assert out.dtype == torch.float32  # promote(v, x, gamma) with an fp32 gamma, as the reference
 
@@ -139,7 +126,7 @@ def test_nan_propagates_like_reference():
 def test_large_logits_stay_finite():
     # |E| ~ 1e4: a naive exp overflows; the online softmax must not.
     q, k, v, x, g = pam_inputs(1, 8, 8, 12, 12, dtype=torch.float64, qk_scale=40.0)
-    _compare("cpu", [q, k, v, x, g], torch.float64, 1e-9)
+    _compare("cpu", [q, k, v, x, g], 1e-9)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 8, 5, 5), (2, 4, 8, 0, 5), (2, 4, 8, 5, 0)])

@@ -82,3 +82,53 @@ def test_autocast_cpu_bf16_pam():
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(m.gamma.grad).all()
     assert m.query_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["original", "paper"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_cam(mode, residual):
+    x = (0.3 * torch.randn(2, 5, 4, 3, dtype=torch.float64)).flatten(2).requires_grad_()
+    g = torch.tensor([0.4], dtype=torch.float64, requires_grad=True) if residual else None
+    torch.library.opcheck(ops.cam_forward.default, (x, g, mode))
+    o, attn, y = ops.cam_forward(x.detach(), None if g is None else g.detach(), mode)
+    torch.library.opcheck(ops.cam_backward.default,
+                          (torch.randn_like(o), x.detach(), attn, o,
+                           None if g is None else g.detach(), mode))
+
+
+def _cam_module(mode):
+    m = ChannelAttention(mode=mode, backend="cpu")
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["original", "paper"])
+def test_compile_fullgraph_cam_aot_eager(mode):
+    _compiled_matches_eager(_cam_module(mode), 0.3 * torch.randn(2, 16, 7, 9), "aot_eager")
+
+
+def test_compile_fullgraph_danet_head_like_model():
+    # Both attentions in one graph, as in the DANet head.
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pam = _pam_module()
+            self.cam = _cam_module("original")
+
+        def forward(self, x):
+            return self.pam(x) + self.cam(x)
+
+    _compiled_matches_eager(Head(), 0.3 * torch.randn(1, 16, 6, 6), "aot_eager")
+
+
+def test_autocast_cpu_bf16_cam():
+    m = _cam_module("original")
+    x = (0.3 * torch.randn(2, 16, 9, 9)).requires_grad_()
+    y32 = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.bfloat16())
+    assert torch.isfinite(y).all()
+    assert max_err(y, y32) < 0.05 * y32.abs().max().item()
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.gamma.grad).all()
