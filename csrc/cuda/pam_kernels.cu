@@ -449,12 +449,20 @@ PamWorkspace pam_workspace(const PamBackwardParams& p, void* base) {
 template <class T, bool TF32>
 cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
   const PamWorkspace w = pam_workspace(p, p.workspace);
-  // 1. Delta = gamma * sum_c dy*O, block partials of sum dy*O, dgamma.
-  dot_rows_kernel<<<dim3((unsigned)ceil_div(p.N, 32), (unsigned)p.B), dim3(32, 8), 0, stream>>>(
-      p.dy, p.o, p.Cv, p.N, p.gamma, w.delta, w.partial);
+  // 1. Delta = gamma * sum_c dy*O from the same dy values the dP products use (dy_mma), so that
+  //    dP - Delta cancels consistently; block partials of sum dy*O -> dgamma from the exact dy.
+  const dim3 rgrid((unsigned)ceil_div(p.N, 32), (unsigned)p.B), rblock(32, 8);
+  const bool same_dy = p.dy.data == p.dy_mma.data && p.dy.dtype == p.dy_mma.dtype;
+  dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy_mma, p.o, p.Cv, p.N, p.gamma, w.delta,
+                                                w.partial);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if (p.gamma != nullptr) {
+    if (!same_dy) {
+      dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy, p.o, p.Cv, p.N, nullptr, nullptr,
+                                                    w.partial);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
     finalize_sum_kernel<<<1, 256, 0, stream>>>(w.partial, w.n_partial, p.dgamma);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
