@@ -1,0 +1,333 @@
+"""Datasets: the procedural synthetic scenes (the default) and readers for Cityscapes, ADE20K and
+PASCAL VOC. Every dataset returns ``(image uint8 [3, H, W], label int64 [H, W])`` with
+``IGNORE_INDEX`` for unlabeled pixels; ``augment`` and ``normalize`` turn that into training input.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def derive_seed(*keys):
+    """A well-mixed 32-bit generator seed from integers (torch's CPU generator uses 32 bits of a seed)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic scenes
+# ----------------------------------------------------------------------------------------------
+_SPLITS = ("train", "val", "test")
+SYNTHETIC_CLASSES = ("background", "disk", "square", "triangle", "ring", "cross")
+# Radius range of each object class in pixels of a 128x128 image: classes differ in scale too.
+_RADIUS = {1: (7, 18), 2: (9, 24), 3: (11, 28), 4: (12, 28), 5: (10, 26)}
+
+
+def _texture(g, size):
+    """A random two-colour texture [3, S, S] in [0, 1]: stripes, checks, blobs or grain."""
+    S = size
+    c1, c2 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+    kind = int(torch.randint(4, (1,), generator=g))
+    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
+    theta = float(torch.rand((), generator=g)) * math.pi
+    u = xs * math.cos(theta) + ys * math.sin(theta)
+    v = -xs * math.sin(theta) + ys * math.cos(theta)
+    period = 3 + 9 * float(torch.rand((), generator=g))
+    if kind == 0:  # stripes
+        t = 0.5 + 0.5 * torch.sin(2 * math.pi * u / period)
+    elif kind == 1:  # checks
+        t = ((torch.floor(u / period) + torch.floor(v / period)) % 2)
+    elif kind == 2:  # smooth blobs
+        k = int(torch.randint(3, 9, (1,), generator=g))
+        t = F.interpolate(torch.rand(1, 1, k, k, generator=g), size=(S, S), mode="bicubic", align_corners=False)[0, 0]
+        t = (t - t.min()) / (t.max() - t.min() + 1e-6)
+    else:  # grain
+        t = torch.rand(S, S, generator=g)
+    return c1 * t + c2 * (1 - t)
+
+
+def _shape_mask(cls, g, size, cy, cx, r):
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    theta = float(torch.rand((), generator=g)) * 2 * math.pi
+    dx, dy = xs - cx, ys - cy
+    u = dx * math.cos(theta) + dy * math.sin(theta)
+    v = -dx * math.sin(theta) + dy * math.cos(theta)
+    d2 = u * u + v * v
+    if cls == 1:  # disk
+        return d2 <= r * r
+    if cls == 2:  # square
+        return torch.maximum(u.abs(), v.abs()) <= 0.8 * r
+    if cls == 3:  # equilateral triangle inscribed in the circle of radius r
+        m = torch.ones_like(u, dtype=torch.bool)
+        for k in range(3):
+            a = theta + 2 * math.pi * k / 3
+            m &= dx * math.cos(a) + dy * math.sin(a) <= r / 2
+        return m
+    if cls == 4:  # ring
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if cls == 5:  # cross
+        w = r / 3
+        return ((u.abs() <= w) & (v.abs() <= r)) | ((v.abs() <= w) & (u.abs() <= r))
+    raise ValueError(cls)
+
+
+class SyntheticScenes(torch.utils.data.Dataset):
+    """Procedural scenes: a textured background and 2-6 textured objects of five shape classes.
+
+    Colours and textures are drawn independently of the class, so a pixel's class follows from
+    the shape (and scale) of the region it belongs to, not from its colour. Image ``i`` of a
+    dataset is a pure function of ``(seed, i)``: nothing is stored or downloaded.
+    """
+
+    classes = SYNTHETIC_CLASSES
+
+    def __init__(self, length=2000, size=128, seed=0, split="train", max_objects=6):
+        if split not in _SPLITS:
+            raise ValueError(f"synthetic split must be one of {_SPLITS}, got {split!r}")
+        self.length, self.size, self.seed, self.split, self.max_objects = length, size, seed, split, max_objects
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, _SPLITS.index(self.split), i))
+        S, scale = self.size, self.size / 128
+        img = _texture(g, S)
+        label = torch.zeros(S, S, dtype=torch.int64)
+        for _ in range(int(torch.randint(2, self.max_objects + 1, (1,), generator=g))):
+            cls = int(torch.randint(1, self.num_classes, (1,), generator=g))
+            lo, hi = _RADIUS[cls]
+            r = scale * (lo + (hi - lo) * float(torch.rand((), generator=g)))
+            cy, cx = (S * torch.rand(2, generator=g)).tolist()
+            m = _shape_mask(cls, g, S, cy, cx, r)
+            img = torch.where(m, _texture(g, S), img)
+            label[m] = cls
+        img = (img + 0.04 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        return (img * 255).round().to(torch.uint8), label
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation (torch ops; every random draw comes from the generator passed in)
+# ----------------------------------------------------------------------------------------------
+def normalize(img):
+    """uint8 [..., 3, H, W] -> float, ImageNet mean/std normalised."""
+    mean = torch.tensor(MEAN, device=img.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=img.device).view(3, 1, 1)
+    return (img.float() / 255 - mean) / std
+
+
+def augment(img, label, g, crop_size, scale_range=(0.5, 2.0), flip=True):
+    """Random scale, pad (image 0 before normalisation, label ignore) and crop to ``crop_size``,
+    horizontal flip, normalise. Returns ``(float [3, c, c], int64 [c, c])``."""
+    lo, hi = scale_range
+    s = lo + (hi - lo) * float(torch.rand((), generator=g))
+    H, W = img.shape[-2:]
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    img = F.interpolate(img[None].float(), (h, w), mode="bilinear", align_corners=False)[0]
+    label = F.interpolate(label[None, None].float(), (h, w), mode="nearest")[0, 0].long()
+    ph, pw = max(crop_size - h, 0), max(crop_size - w, 0)
+    img = F.pad(img, (0, pw, 0, ph), value=0.0)
+    label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+    y0 = int(torch.randint(h + ph - crop_size + 1, (1,), generator=g))
+    x0 = int(torch.randint(w + pw - crop_size + 1, (1,), generator=g))
+    img = img[:, y0:y0 + crop_size, x0:x0 + crop_size]
+    label = label[y0:y0 + crop_size, x0:x0 + crop_size]
+    if flip and float(torch.rand((), generator=g)) < 0.5:
+        img, label = img.flip(-1), label.flip(-1)
+    return normalize(img), label
+
+
+class TrainTransform(torch.utils.data.Dataset):
+    """Wraps a dataset for training: item ``(index, seed)`` is sample ``index`` augmented with a
+    generator seeded by ``seed``, so a batch is a function of its keys alone (worker count and
+    resuming do not change it)."""
+
+    def __init__(self, base, crop_size, scale_range=(0.5, 2.0), flip=True):
+        self.base, self.crop_size, self.scale_range, self.flip = base, crop_size, scale_range, flip
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        img, label = self.base[index]
+        return augment(img, label, torch.Generator().manual_seed(seed), self.crop_size, self.scale_range, self.flip)
+
+
+class EvalTransform(torch.utils.data.Dataset):
+    """Normalised full images with their labels, for evaluation."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, label = self.base[index]
+        return normalize(img), label
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers for the standard folder layouts
+# ----------------------------------------------------------------------------------------------
+class DatasetError(RuntimeError):
+    """A dataset is missing, incomplete or corrupt; the message names the path and what was expected."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    pass
+
+
+def _require_dir(path, what):
+    if not os.path.isdir(path):
+        raise DatasetNotFoundError(f"{path}: directory not found; expected {what}")
+    return path
+
+
+def _read(path, label):
+    """RGB image as uint8 [3, H, W], or a single-channel label PNG as int64 [H, W]."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = "a single-channel label PNG of class ids" if label else "an RGB image (PNG/JPEG)"
+    try:
+        with Image.open(path) as im:
+            if label and im.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(f"{path}: expected {what}, got an image of mode {im.mode}")
+            arr = np.array(im if label else im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"{path}: file not found; expected {what}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot be decoded ({e}); expected {what}") from None
+    t = torch.from_numpy(arr.astype(np.int64) if label else arr)
+    return t if label else t.permute(2, 0, 1).contiguous()
+
+
+class _PairedFiles(torch.utils.data.Dataset):
+    """(image path, label path) pairs with a label lookup table (raw id -> train id)."""
+
+    classes = ()
+    lut = None
+
+    def __init__(self, pairs, where):
+        if not pairs:
+            raise DatasetNotFoundError(f"{where}: no images found")
+        for img, lbl in pairs:
+            if not os.path.isfile(img):
+                raise DatasetNotFoundError(f"{img}: image file not found (listed in {where})")
+            if not os.path.isfile(lbl):
+                raise DatasetNotFoundError(f"{lbl}: label file not found; expected one label PNG per image ({img})")
+        self.pairs = pairs
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, lbl_path = self.pairs[i]
+        img, label = _read(img_path, label=False), _read(lbl_path, label=True)
+        if img.shape[1:] != label.shape:
+            raise DatasetError(f"{lbl_path}: label is {tuple(label.shape)} but its image {img_path} is "
+                               f"{tuple(img.shape[1:])}; expected the same height and width")
+        if self.lut is not None:
+            label = self.lut[label.clamp(0, len(self.lut) - 1)]
+        return img, label
+
+
+def _lut(mapping, size=256):
+    lut = torch.full((size,), IGNORE_INDEX, dtype=torch.int64)
+    for k, v in mapping.items():
+        lut[k] = v
+    return lut
+
+
+class Cityscapes(_PairedFiles):
+    """``root/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with ``root/gtFine/<split>/<city>/
+    *_gtFine_labelIds.png``; label ids are mapped to the 19 train ids, all others to ignore."""
+
+    classes = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+               "motorcycle", "bicycle")
+    lut = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18})
+
+    def __init__(self, root, split="train"):
+        img_root = _require_dir(os.path.join(root, "leftImg8bit", split),
+                                f"the Cityscapes layout <root>/leftImg8bit/{split}/<city>/*_leftImg8bit.png")
+        lbl_root = _require_dir(os.path.join(root, "gtFine", split),
+                                f"the Cityscapes layout <root>/gtFine/{split}/<city>/*_gtFine_labelIds.png")
+        pairs = []
+        for city in sorted(os.listdir(img_root)):
+            for f in sorted(os.listdir(os.path.join(img_root, city))):
+                if f.endswith("_leftImg8bit.png"):
+                    lbl = f[: -len("_leftImg8bit.png")] + "_gtFine_labelIds.png"
+                    pairs.append((os.path.join(img_root, city, f), os.path.join(lbl_root, city, lbl)))
+        super().__init__(pairs, f"{img_root}/<city>/*_leftImg8bit.png")
+
+
+class ADE20K(_PairedFiles):
+    """SceneParsing ``ADEChallengeData2016``: ``root/images/{training,validation}/*.jpg`` with
+    ``root/annotations/.../*.png``; label 0 ("other") is ignored and 1..150 become 0..149."""
+
+    classes = tuple(f"class{i}" for i in range(150))
+    lut = _lut({i: i - 1 for i in range(1, 151)})
+
+    def __init__(self, root, split="train"):
+        sub = {"train": "training", "val": "validation"}.get(split, split)
+        img_root = _require_dir(os.path.join(root, "images", sub),
+                                f"the ADE20K layout <root>/images/{sub}/*.jpg (root = ADEChallengeData2016)")
+        lbl_root = _require_dir(os.path.join(root, "annotations", sub),
+                                f"the ADE20K layout <root>/annotations/{sub}/*.png")
+        pairs = [(os.path.join(img_root, f), os.path.join(lbl_root, os.path.splitext(f)[0] + ".png"))
+                 for f in sorted(os.listdir(img_root)) if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+        super().__init__(pairs, img_root)
+
+
+class PascalVOC(_PairedFiles):
+    """``VOC2012/ImageSets/Segmentation/<split>.txt`` listing ids of ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png`` (palette PNG, 21 classes, 255 = ignore). ``root`` may be the
+    VOC2012 folder or the VOCdevkit folder holding it."""
+
+    classes = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+    def __init__(self, root, split="train"):
+        if os.path.isdir(os.path.join(root, "VOC2012")):
+            root = os.path.join(root, "VOC2012")
+        _require_dir(root, "the PASCAL VOC layout VOCdevkit/VOC2012/{ImageSets/Segmentation,JPEGImages,SegmentationClass}")
+        list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.isfile(list_file):
+            raise DatasetNotFoundError(f"{list_file}: file not found; expected the list of {split} image ids")
+        with open(list_file) as f:
+            ids = [line.strip() for line in f if line.strip()]
+        img_dir = _require_dir(os.path.join(root, "JPEGImages"), "the PASCAL VOC images <root>/JPEGImages/<id>.jpg")
+        lbl_dir = _require_dir(os.path.join(root, "SegmentationClass"),
+                               "the PASCAL VOC labels <root>/SegmentationClass/<id>.png")
+        super().__init__([(os.path.join(img_dir, i + ".jpg"), os.path.join(lbl_dir, i + ".png")) for i in ids],
+                         list_file)
+
+
+READERS = {"cityscapes": Cityscapes, "ade20k": ADE20K, "voc": PascalVOC}
+DATASETS = ("synthetic",) + tuple(READERS)
+
+
+def build_dataset(cfg, split):
+    """The dataset named by ``cfg["dataset"]`` (a training config dict) for ``split``."""
+    name = cfg["dataset"]
+    if name == "synthetic":
+        length = cfg["synthetic_train_size"] if split == "train" else cfg["synthetic_val_size"]
+        return SyntheticScenes(length, cfg["synthetic_size"], cfg["data_seed"], split)
+    if name not in READERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if not cfg.get("data_root"):
+        raise DatasetNotFoundError(f"dataset {name!r} needs --data-root (the folder holding its standard layout)")
+    return READERS[name](cfg["data_root"], split)
