@@ -149,9 +149,11 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(
   const at::Tensor M = dE + dE.transpose(1, 2);
   const at::Tensor At = A.transpose(1, 2);
 
-  // da = M a + g A^T dy (+ dy), one pass over N-blocks of a and dy.
+  // da = M a + g A^T dy (+ dy), one pass over N-blocks of a and dy; the same pass gives the
+  // per-block partial sums of dy*o for dgamma (summed in a fixed order: deterministic).
   at::Tensor dx = at::empty({B, C, N}, a.options());
   const int64_t nN = (N + kNBlock - 1) / kNBlock;
+  at::Tensor dgamma_part = at::zeros({B * nN}, a.options());
   at::parallel_for(0, B * nN, 1, [&](int64_t begin, int64_t end) {
     BelowAutograd below_autograd_worker;
     for (int64_t t = begin; t < end; ++t) {
@@ -160,10 +162,13 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(
       const at::Tensor dyb = dy[b].narrow(1, n0, bn);
       at::mm_out(d, M[b], a[b].narrow(1, n0, bn));           // Gram side, both uses of a
       d.addmm_(At[b], dyb, 1.0, g);                          // value side
-      if (residual) d.add_(dyb);
+      if (residual) {
+        d.add_(dyb);
+        dgamma_part[t].copy_((dyb * o[b].narrow(1, n0, bn)).sum());
+      }
     }
   });
-  at::Tensor dgamma = residual ? (dy * o).sum().reshape({1}) : at::empty({0}, a.options());
+  at::Tensor dgamma = residual ? dgamma_part.sum().reshape({1}) : at::empty({0}, a.options());
   return {dx.to(x_.scalar_type()), dgamma};
 }
 
