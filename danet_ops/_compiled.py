@@ -6,6 +6,7 @@ JIT-compiled with torch.utils.cpp_extension on first use, unless DANET_OPS_JIT=0
 """
 import glob
 import os
+import sys
 import threading
 
 import torch
@@ -38,6 +39,9 @@ def _jit_build():
     if root is None:
         raise RuntimeError("no prebuilt danet_ops._C and no C++ sources to JIT-compile")
     sources = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    print("[danet_ops] no prebuilt danet_ops._C: compiling the C++ ops from "
+          f"{root} (once, about a minute; cached by torch.utils.cpp_extension). "
+          "`pip install --no-build-isolation .` builds them ahead of time.", file=sys.stderr)
     cflags = ["-O3", "-fopenmp", "-std=c++17"]
     cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
             and os.environ.get("DANET_OPS_CUDA", "1") != "0")
