@@ -4,9 +4,10 @@ interpreter (any machine) and on CUDA (skipped without a GPU).
 Why a child process. Triton decides once per process, when it is first imported, whether
 kernels are interpreted (TRITON_INTERPRET=1 at that moment) or compiled, and importing
 danet_ops imports triton (torch._dynamo, pulled in by the op registration, imports it). So
-the tests marked @interpreted run in one child `pytest` started with TRITON_INTERPRET=1, and
-in this process each of them reports its own outcome from the child's junit report (the first
-one to run pays for the whole child). If this process already interprets (the suite was started
+the tests marked @interpreted run in one child `pytest` started with TRITON_INTERPRET=1 (in the
+background, from module setup, while this process runs its own tests, which come first in the
+file), and in this process each of them reports its own outcome from the child's junit report
+(the first one waits for the child). If this process already interprets (the suite was started
 with TRITON_INTERPRET=1), they run here directly. Nothing in the environment of this process
 changes, so the rest of the suite runs as before, and CUDA tests here use compiled kernels.
 """
@@ -38,48 +39,64 @@ _child = {"selected": [], "results": None}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _selected_interpreted_tests(request):
-    """Remember which @interpreted tests this session selected (the child runs exactly those)."""
+def _interpreter_child(request):
+    """Start the child on the @interpreted tests this session selected, in the background, so
+    that it runs while the tests of this process (defined first in this file) run."""
     _child["selected"] = [item.nodeid for item in request.session.items
                           if item.module is sys.modules[__name__]
                           and getattr(item.function, "_interpreted", False)]
     _child["rootdir"] = str(request.config.rootpath)
+    if _child["selected"] and not IN_INTERPRETER:
+        _start_child()
     yield
+    proc = _child.get("proc")
+    if proc is not None and proc.poll() is None:   # e.g. -x stopped the session early
+        proc.kill()
+        proc.wait()
+    if _child.get("tmp") is not None:
+        _child["tmp"].cleanup()
 
 
-def _run_child():
+def _start_child():
     if os.environ.get(_CHILD_FLAG) == "1":
         raise RuntimeError("the TRITON_INTERPRET=1 child did not get an interpreting triton")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "junit.xml")
-        env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               f"--junitxml={report}", f"--rootdir={_child['rootdir']}", *_child["selected"]]
-        try:
-            proc = subprocess.run(cmd, cwd=_child["rootdir"], env=env, capture_output=True,
-                                  text=True, timeout=1200)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out = f"child timed out after {exc.timeout} s"
-        results = {}
-        if os.path.exists(report):
-            for case in ET.parse(report).getroot().iter("testcase"):
-                outcome, text = "passed", ""
-                for child in case:
-                    if child.tag in ("failure", "error"):
-                        outcome = "failed"
-                        text = (child.get("message") or "") + "\n" + (child.text or "")
-                        break
-                    if child.tag == "skipped":
-                        outcome, text = "skipped", child.get("message") or ""
-                results[case.get("name")] = (outcome, text)
+    _child["tmp"] = tempfile.TemporaryDirectory()
+    _child["report"] = os.path.join(_child["tmp"].name, "junit.xml")
+    _child["log"] = open(os.path.join(_child["tmp"].name, "out.txt"), "w+")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           f"--junitxml={_child['report']}", f"--rootdir={_child['rootdir']}", *_child["selected"]]
+    _child["proc"] = subprocess.Popen(cmd, cwd=_child["rootdir"], env=env, stdout=_child["log"],
+                                      stderr=subprocess.STDOUT)
+
+
+def _collect_child():
+    try:
+        _child["proc"].wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+        _child["proc"].kill()
+        _child["proc"].wait()
+    _child["log"].seek(0)
+    _child["output"] = _child["log"].read()[-4000:]
+    _child["log"].close()
+    results = {}
+    if os.path.exists(_child["report"]):
+        for case in ET.parse(_child["report"]).getroot().iter("testcase"):
+            outcome, text = "passed", ""
+            for part in case:
+                if part.tag in ("failure", "error"):
+                    outcome = "failed"
+                    text = (part.get("message") or "") + "\n" + (part.text or "")
+                    break
+                if part.tag == "skipped":
+                    outcome, text = "skipped", part.get("message") or ""
+            results[case.get("name")] = (outcome, text)
     _child["results"] = results
-    _child["output"] = out[-4000:]
 
 
 def _replay():
     if _child["results"] is None:
-        _run_child()
+        _collect_child()
     nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
     name = nodeid.split("::")[-1]
     outcome, text = _child["results"].get(name, (None, ""))
@@ -155,6 +172,180 @@ def _compare_cam(x, gamma, mode, dtype, backend="triton"):
         assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, reference gives {lp.dtype}"
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
+
+
+# ============================================================================ this process
+def test_dot_precision_policy():
+    prev = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _common.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _common.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _common.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(prev[0])
+        torch.backends.cuda.matmul.allow_tf32 = prev[1]
+    assert _common.dot_precision(torch.float16) == _common.dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_ops_registered_with_the_architecture_schemas():
+    want = {
+        "pam_forward_triton": "(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma) -> (Tensor, Tensor, Tensor)",
+        "pam_backward_triton": "(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
+        "cam_forward_triton": "(Tensor x, Tensor? gamma, str mode) -> (Tensor, Tensor, Tensor)",
+        "cam_backward_triton": "(Tensor dy, Tensor x, Tensor attn, Tensor o, Tensor? gamma, str mode) -> (Tensor, Tensor)",
+    }
+    for name, sig in want.items():
+        assert str(getattr(ops, name).default._schema) == f"danet_ops::{name}{sig}"
+
+
+def test_import_is_lazy_and_never_touches_the_gpu():
+    # Importing the package and asking available() must not load the kernel modules nor
+    # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
+    code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
+            "assert 'danet_ops._triton.kernels' not in sys.modules; "
+            "assert 'danet_ops._triton.pam' not in sys.modules; "
+            "assert not torch.cuda.is_initialized(); print(ok)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_cpu_tensors_without_interpreter_are_refused():
+    if IN_INTERPRETER:
+        pytest.skip("this process interprets Triton")
+    q = torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.pam_forward_triton(q, q, q, None, None)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.cam_forward_triton(q, None, "paper")
+
+
+# ----------------------------------------------------------------------------- offline compile
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _capture_launches(run, arch="sm90"):
+    """Run host code with every kernel replaced by a recorder: [(kernel, args, constexprs,
+    num_warps, num_stages)] exactly as a GPU launch would get them (first autotune config)."""
+    from danet_ops._triton import cam, kernels, pam
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn, warps=4, stages=3, meta=None):
+            self.fn, self.warps, self.stages, self.meta = fn, warps, stages, meta or {}
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps=None, **kwargs):
+                launches.append((self.fn, args, {**kwargs, **self.meta},
+                                 num_warps or self.warps, self.stages))
+            return launch
+
+    def launcher(module, name, kernel_name, key, device):
+        table = _common._TABLE[name]
+        meta, warps, stages = table[arch][0]
+        return Recorder(getattr(kernels, kernel_name), warps, stages, dict(zip(table["names"], meta)))
+
+    recorders = type("K", (), {n: Recorder(getattr(kernels, n)) for n in dir(kernels)
+                               if n.endswith("_kernel")})
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(pam, "K", recorders)
+        mp.setattr(cam, "K", recorders)
+        mp.setattr(_common, "check_device", lambda t: None)
+        mp.setattr(_common, "launcher", launcher)
+        mp.setattr(_common, "meta_for", lambda name, device: {})
+        mp.setattr(_common, "fixed", lambda name, device: _common.GPU_FIXED[name])
+        run()
+    finally:
+        mp.undo()
+    return launches
+
+
+def _compile_offline(fn, args, constexprs, warps, stages, capability):
+    """triton.compile for a GPU target without a GPU, specialised like the JIT: integers equal
+    to 1 become constants, multiples of 16 and 16-byte aligned pointers get divisibility 16.
+    Returns (compiled kernel, ptxas stack bytes or None when cuobjdump is not bundled)."""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, consts, attrs = {}, dict(constexprs), {}
+    names = fn.arg_names
+    positional = [n for n in names if n not in constexprs]
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[positional.index(name)]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name], consts[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if abs(value) < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", capability, 32),
+                            options=dict(num_warps=warps, num_stages=stages,
+                                         enable_fp_fusion=True))
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return kernel, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", usage)
+    return kernel, int(m.group(1)) if m else None
+
+
+@pytest.mark.slow
+def test_compiled_mode_kernels_build_for_sm90_without_spills():
+    # The interpreter does not run triton's compiler. Here every launch the host code makes
+    # (PAM and CAM, forward and backward) is compiled for sm90 exactly as on a GPU: compiled-
+    # mode frontend, layouts, wgmma lowering and ptxas. No GPU needed, no register spills.
+    if IN_INTERPRETER:
+        pytest.skip("this process runs Triton in the interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"this triton has no offline-compile API ({exc})")
+    from danet_ops._triton import cam, pam
+
+    def run_all():
+        q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2)
+                         for t in pam_inputs(2, 64, 512, 64, 64, dtype=torch.bfloat16)]
+        o, lse, y = pam.forward(q, k, v, x, g)
+        pam.backward(y.to(torch.bfloat16), q, k, v, o, lse, g)
+        for dtype in (torch.bfloat16, torch.float16):   # fp16 CAM: the fp32 (dE + dE^T) path
+            a = make((2, 512, 64, 64), dtype).flatten(2)
+            o, attn, y = cam.forward(a, g, "original")
+            cam.backward(y.to(dtype), a, attn, o, g, "original")
+
+    launches = _capture_launches(run_all)
+    assert len(launches) == 4 + 2 * 7   # PAM fwd 1 + bwd 3; CAM fwd 3 + bwd 4, per dtype
+    seen = set()
+    for fn, args, constexprs, warps, stages in launches:
+        key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+               tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args))
+        if key in seen:
+            continue
+        seen.add(key)
+        kernel, stack = _compile_offline(fn, args, constexprs, warps, stages, 90)
+        assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
+        assert stack in (None, 0), f"{fn.__name__}: {stack} bytes of ptxas stack (spills)"
 
 
 # ============================================================================ interpreter: PAM
@@ -379,58 +570,6 @@ def test_interp_compile_fullgraph_inductor():
     with torch.no_grad():
         pam.gamma.fill_(0.5)
     _compiled_matches_eager(pam, torch.randn(2, 16, 5, 4), "inductor")
-
-
-# ============================================================================ this process
-def test_dot_precision_policy():
-    prev = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert _common.dot_precision(torch.float32) == "ieee"
-        torch.set_float32_matmul_precision("high")
-        assert _common.dot_precision(torch.float32) == "tf32"
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert _common.dot_precision(torch.float32) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(prev[0])
-        torch.backends.cuda.matmul.allow_tf32 = prev[1]
-    assert _common.dot_precision(torch.float16) == _common.dot_precision(torch.bfloat16) == "tf32"
-
-
-def test_ops_registered_with_the_architecture_schemas():
-    want = {
-        "pam_forward_triton": "(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma) -> (Tensor, Tensor, Tensor)",
-        "pam_backward_triton": "(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
-        "cam_forward_triton": "(Tensor x, Tensor? gamma, str mode) -> (Tensor, Tensor, Tensor)",
-        "cam_backward_triton": "(Tensor dy, Tensor x, Tensor attn, Tensor o, Tensor? gamma, str mode) -> (Tensor, Tensor)",
-    }
-    for name, sig in want.items():
-        assert str(getattr(ops, name).default._schema) == f"danet_ops::{name}{sig}"
-
-
-def test_import_is_lazy_and_never_touches_the_gpu():
-    # Importing the package and asking available() must not load the kernel modules nor
-    # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
-    code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
-            "assert 'danet_ops._triton.kernels' not in sys.modules; "
-            "assert 'danet_ops._triton.pam' not in sys.modules; "
-            "assert not torch.cuda.is_initialized(); print(ok)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-
-
-def test_cpu_tensors_without_interpreter_are_refused():
-    if IN_INTERPRETER:
-        pytest.skip("this process interprets Triton")
-    q = torch.randn(1, 2, 4)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.pam_forward_triton(q, q, q, None, None)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.cam_forward_triton(q, None, "paper")
 
 
 # ============================================================================ CUDA (compiled kernels)

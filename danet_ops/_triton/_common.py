@@ -137,20 +137,20 @@ PAM_BWD_BLOCK_CV = {"gpu": 128, "interp": 16}
 # "operand" is the argument whose element size the shared-memory estimate uses.
 _TABLE = {
     "pam_fwd": {
-        "sm90": [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2), ((128, 64, 256), 8, 2),
-                 ((64, 64, 128), 4, 3), ((64, 128, 64), 4, 4), ((128, 32, 256), 8, 3)],
+        "sm90": [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2), ((128, 128, 64), 8, 3),
+                 ((64, 64, 128), 4, 3), ((64, 128, 64), 4, 4), ((128, 32, 128), 8, 4)],
         "sm80": [((128, 64, 128), 8, 2), ((128, 32, 128), 8, 3), ((64, 64, 128), 4, 3),
                  ((64, 64, 64), 4, 4), ((128, 64, 64), 4, 3)],
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
     },
     "pam_dkdv": {
-        "sm90": [((64, 128), 8, 2), ((64, 64), 4, 3), ((32, 128), 8, 3), ((32, 64), 4, 3)],
+        "sm90": [((64, 128), 8, 2), ((64, 64), 8, 3), ((32, 128), 8, 3), ((32, 64), 4, 3)],
         "sm80": [((64, 64), 4, 2), ((32, 128), 8, 2), ((32, 64), 4, 3)],
         "names": ("BLOCK_M", "BLOCK_N"), "dims": ("N", "N"), "operand": "Q",
     },
     "pam_dq": {
         "sm90": [((128, 64, 64), 8, 2), ((64, 64, 64), 4, 3), ((128, 32, 128), 8, 2),
-                 ((64, 128, 64), 4, 2)],
+                 ((64, 128, 64), 8, 2)],
         "sm80": [((64, 64, 64), 4, 2), ((128, 32, 64), 8, 2), ((64, 32, 128), 4, 3)],
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
     },
@@ -166,7 +166,12 @@ _TABLE = {
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
     },
 }
-_TABLE["cam_dx"] = _TABLE["cam_apply"]
+_TABLE["cam_dx"] = {  # three fp32 [M, K] tiles (A^T, G, G^T) per step: smaller K than cam_apply
+    "sm90": [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3), ((64, 64, 32), 4, 4),
+             ((128, 64, 32), 4, 3)],
+    "sm80": [((64, 128, 32), 8, 2), ((128, 64, 32), 8, 2), ((64, 64, 32), 4, 3)],
+    "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
+}
 
 
 def _arch_name(capability):
@@ -179,18 +184,21 @@ def _smem_estimate(name, meta, stages, args):
     if name == "pam_fwd":
         cq = args["CQ_P"]
         return es * (meta["BLOCK_M"] * cq + stages * meta["BLOCK_N"] * (cq + meta["BLOCK_CV"]))
-    if name == "pam_dkdv":
+    if name == "pam_dkdv":  # + an fp32 [BLOCK_M, BLOCK_N] layout-conversion buffer
         cq, cv = args["CQ_P"], args["BLOCK_CV"]
-        return es * (meta["BLOCK_N"] * (cq + cv) + stages * meta["BLOCK_M"] * (cq + cv))
+        return (es * (meta["BLOCK_N"] * (cq + cv) + stages * meta["BLOCK_M"] * (cq + cv))
+                + 4 * meta["BLOCK_M"] * meta["BLOCK_N"])
     if name == "pam_dq":
         cq = args["CQ_P"]
         return es * (meta["BLOCK_M"] * cq + stages * (meta["BLOCK_N"] * cq
                      + meta["BLOCK_CV"] * (meta["BLOCK_M"] + meta["BLOCK_N"])))
     if name == "cam_mm":
         return es * stages * 2 * meta["BLOCK_C"] * meta["BLOCK_K"]
-    # cam_apply / cam_dx: fp32 A (and G) tiles plus the [K, N] operand tiles
     k = meta["BLOCK_K"]
-    return stages * (4 * 2 * meta["BLOCK_M"] * k + es * 2 * k * meta["BLOCK_N"])
+    if name == "cam_apply":  # fp32 A tile + a tile
+        return stages * k * (4 * meta["BLOCK_M"] + es * meta["BLOCK_N"])
+    # cam_dx: fp32 A^T, G, G^T tiles + a and dy tiles
+    return stages * k * (3 * 4 * meta["BLOCK_M"] + 2 * es * meta["BLOCK_N"])
 
 
 def _prune(name, smem_limit):
