@@ -1,12 +1,19 @@
 """Benchmark harness: devices, sizes, peak-memory measurement, and the summary table.
 
 Run: `pytest benchmarks/ --benchmark-only` (short: 32^2, 64^2) or with DANET_OPS_BENCH_FULL=1
-(CPU 32^2..128^2; GPU up to 128x256). Each benchmark records in extra_info what the report
-(python -m benchmarks.report) needs: op, pass, backend, device, dtype, shape, FLOPs, peak memory.
-A machine summary (CPU/GPU model, versions, sgemm rate) is written next to the results.
+(CPU 32^2..128^2 and the model on CPU; GPU up to 128x256 and the model at 1024x2048).
+DANET_OPS_BENCH_OUT=DIR moves the output (default benchmarks/results/raw), and
+DANET_OPS_BENCH_DEVICES=cuda (comma list) restricts the devices.
+
+Each benchmark records in extra_info what the report (python -m benchmarks.report) needs: op,
+pass, backend, device, dtype, shape, FLOPs, bytes, peak memory, and a status ("ok", "OOM",
+"unsupported"). At the end the summary table is printed and last-<cpu|gpu>.json written (machine
+info, the matmul rate and copy bandwidth measured in this run, one row per benchmark with median
+and spread), with pytest-benchmark's own JSON beside it (pytest-benchmark-<cpu|gpu>.json).
 """
 import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -36,7 +43,10 @@ def gpu_sizes():
 
 
 def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """cpu, and cuda when available; DANET_OPS_BENCH_DEVICES=cuda (comma list) restricts them."""
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    want = [d.strip() for d in os.environ.get("DANET_OPS_BENCH_DEVICES", "").split(",") if d.strip()]
+    return [d for d in have if not want or d in want]
 
 
 def _status_kb(field):
@@ -105,59 +115,109 @@ def _cpu_model():
 _ROWS = []
 
 
+def is_oom(exc):
+    """An allocation failure (CUDA or CPU) that a benchmark row reports as "OOM"."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError)
+        and re.search(r"out of memory|can't allocate memory", str(exc), re.I) is not None)
+
+
+def measure(benchmark, run, device, rounds):
+    """Two warm-up calls (the second one measures peak memory), then `rounds` timed rounds.
+
+    Returns (status, peak_mem, note): status "ok", or "OOM" when an allocation failed (the row
+    says so and the other backends still run), or "unsupported" when a peer has no kernel for the
+    case (SDPA's "No available kernel"). Any other error fails the benchmark.
+    """
+    try:
+        run()  # warm-up: JIT builds, Triton compilation and autotuning, allocator caches
+        mem = peak_memory(run, device)
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=0, iterations=1)
+        return "ok", mem, None
+    except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unexpected
+        if is_oom(exc):
+            status = "OOM"
+        elif "No available kernel" in str(exc):
+            status = "unsupported"
+        else:
+            raise
+        note = str(exc).strip().splitlines()[0][:200]
+    gc.collect()  # the traceback (and the tensors of the failed call) is gone now
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return status, None, note
+
+
 @pytest.fixture
 def record():
     """record(benchmark, **info): store the row in extra_info and in the summary table."""
     def _record(benchmark, **info):
+        info.setdefault("status", "ok")
         benchmark.extra_info.update(info)
         _ROWS.append((benchmark, info))
     return _record
 
 
-def _median(bm):
+def _stats(bm):
+    """Median and spread (pytest-benchmark's statistics of the timed rounds), or {} if none."""
     stats = getattr(bm, "stats", None)
     stats = getattr(stats, "stats", stats)
-    return getattr(stats, "median", None) if stats is not None else None
+    if stats is None or not getattr(stats, "data", None):
+        return {}
+    return dict(median_s=stats.median, iqr_s=stats.iqr, min_s=stats.min, max_s=stats.max,
+                stddev_s=stats.stddev, rounds=stats.rounds)
+
+
+def _kind():
+    return "gpu" if "cuda" in devices() else "cpu"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Write pytest-benchmark's own JSON next to ours unless --benchmark-json was given."""
+    opt = config.option
+    if (getattr(opt, "benchmark_json", False) is None and not opt.collectonly
+            and not getattr(opt, "benchmark_skip", False) and not getattr(opt, "benchmark_disable", False)):
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        opt.benchmark_json = open(os.path.join(RESULTS_DIR, f"pytest-benchmark-{_kind()}.json"), "wb")
 
 
 def pytest_terminal_summary(terminalreporter):
-    rows = [(info, _median(bm)) for bm, info in _ROWS if _median(bm) is not None]
+    from .report import derive  # the report's own arithmetic, so the JSON and the report agree
+
+    rows = [dict(info, **_stats(bm)) for bm, info in _ROWS]
+    rows = [r for r in rows if r["status"] != "ok" or r.get("median_s") is not None]
     if not rows:
         return
-    sgemm = {r["device"]: r["flops"] / t for r, t in rows if r["op"] == "matmul"}
-    groups = {}
-    for info, t in rows:
-        if info["op"] == "matmul":
-            continue
-        key = (info["op"], info["pass"], info["device"], info["dtype"], info["H"], info["W"])
-        groups.setdefault(key, {})[info["backend"]] = (t, info)
+    ok = [r for r in rows if r["status"] == "ok"]
+    matmul = {r["device"]: r["flops"] / r["median_s"] for r in ok if r["op"] == "matmul"}
+    copy = {r["device"]: r["bytes"] / r["median_s"] for r in ok if r["op"] == "copy"}
+    out = derive([r for r in rows if r["op"] not in ("matmul", "copy")], matmul, copy)
     tw = terminalreporter
     tw.section("danet_ops: speedup and memory vs reference (median time)")
-    for dev, rate in sgemm.items():
+    for dev, rate in matmul.items():
         tw.write_line(f"{dev} matmul rate measured in this run: {rate / 1e9:.1f} GFLOP/s")
-    tw.write_line(f"{'op':4} {'pass':7} {'dev':4} {'dtype':8} {'size':>8} {'backend':10} "
-                  f"{'ms':>9} {'speedup':>8} {'peak MiB':>9} {'mem ratio':>9} {'GFLOP/s':>8} {'% mm':>6}")
-    out = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] * k[5])):
-        op, pas, dev, dtype, H, W = key
-        ref = groups[key].get("reference")
-        for backend, (t, info) in sorted(groups[key].items()):
-            mem = info.get("peak_mem")
-            speed = ref[0] / t if ref else None
-            memr = (mem / ref[1]["peak_mem"]) if ref and mem is not None and ref[1].get("peak_mem") else None
-            gfs = info["flops"] / t / 1e9
-            frac = 100 * info["flops"] / t / sgemm[dev] if dev in sgemm else None
-            f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-            tw.write_line(f"{op:4} {pas:7} {dev:4} {dtype:8} {f'{H}x{W}':>8} {backend:10} "
-                          f"{t * 1e3:9.1f} {f(speed, '%.2fx'):>8} "
-                          f"{f(mem / 2**20 if mem is not None else None, '%.1f'):>9} "
-                          f"{f(memr, '%.3f'):>9} {gfs:8.1f} {f(frac, '%.0f%%'):>6}")
-            out.append(dict(info, median_s=t, speedup_vs_reference=speed, mem_ratio_vs_reference=memr,
-                            gflops=gfs, frac_of_matmul=(frac / 100 if frac is not None else None)))
+    for dev, bw in copy.items():
+        tw.write_line(f"{dev} copy bandwidth measured in this run: {bw / 1e9:.1f} GB/s")
+    f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
+    tw.write_line(f"{'op':11} {'pass':6} {'dev':4} {'dtype':8} {'size':>9} {'B':>2} {'backend':9} "
+                  f"{'ms':>9} {'IQR ms':>7} {'speedup':>8} {'peak MiB':>9} {'mem ratio':>9} "
+                  f"{'GFLOP/s':>8} {'% mm':>5} {'% bw':>5} {'img/s':>6}")
+    for r in sorted(out, key=lambda r: (r["op"], r["pass"], r["device"], r["dtype"], r["N"], r["backend"])):
+        ms = f(r.get("median_s") and r["median_s"] * 1e3, "%.1f") if r["status"] == "ok" else r["status"]
+        mem = r.get("peak_mem")
+        tw.write_line(
+            f"{r['op']:11} {r['pass']:6} {r['device']:4} {r['dtype']:8} {'%dx%d' % (r['H'], r['W']):>9} "
+            f"{r['B']:>2} {r['backend']:9} {ms:>9} {f(r.get('iqr_s') and r['iqr_s'] * 1e3, '%.1f'):>7} "
+            f"{f(r['speedup_vs_reference'], '%.2fx'):>8} {f(mem and mem / 2**20, '%.1f'):>9} "
+            f"{f(r['mem_ratio_vs_reference'], '%.3f'):>9} {f(r['gflops'], '%.1f'):>8} "
+            f"{f(r['frac_of_matmul'] and 100 * r['frac_of_matmul'], '%.0f%%'):>5} "
+            f"{f(r['frac_of_bandwidth'] and 100 * r['frac_of_bandwidth'], '%.0f%%'):>5} "
+            f"{f(r['img_per_s'], '%.2f'):>6}")
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    payload = {"machine": machine_info(), "matmul_flops_per_s": sgemm, "full": FULL, "rows": out}
-    dev = "gpu" if "cuda" in sgemm else "cpu"
-    path = os.path.join(RESULTS_DIR, f"last-{dev}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-    tw.write_line(f"summary written to {path}")
+    payload = {"machine": machine_info(), "matmul_flops_per_s": matmul, "copy_bytes_per_s": copy,
+               "full": FULL, "rows": out}
+    path = os.path.join(RESULTS_DIR, f"last-{_kind()}.json")
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    tw.write_line(f"summary written to {path}; report: python -m benchmarks.report --json {path}")

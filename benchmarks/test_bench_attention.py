@@ -2,14 +2,22 @@
 the same baseline the tests use as oracle) and SDPA with scale=1.0, timed side by side.
 
 FLOPs counted per SPEC §7: PAM fwd 2·N²·(Cq+Cv), fwd+bwd 2·N²·(4·Cq+3·Cv) per image; CAM
-(the reference's work) fwd 4·C²·N, fwd+bwd 12·C²·N per image.
+(the reference's work) fwd 4·C²·N, fwd+bwd 12·C²·N per image. CAM's `bytes` is what it must
+stream at least (SPEC §7's bandwidth bound): x read and y written forward, plus dy and x read
+and dx written backward, i.e. 2·C·N (fwd) or 5·C·N (fwd+bwd) elements per image. The copy
+bandwidth it is compared with is measured here too (test_copy_bandwidth).
+
+SDPA peer: on CUDA it is pinned to the memory-efficient kernel (SPEC §7's peer; a row says
+"unsupported" if that kernel refuses the shapes); on CPU it takes the math path, which
+materialises N x N for Cq != Cv.
 """
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from danet_ops import _backends, channel_attention, position_attention
-from conftest import cpu_sizes, devices, gpu_sizes, peak_memory, sync
+from .conftest import cpu_sizes, devices, gpu_sizes, measure, sync
 
 C, CQ = 512, 64
 
@@ -35,10 +43,14 @@ def _backends_for(op, dev, dtype):
 
 
 def _sdpa_pam(q, k, v, x, gamma):
-    # SDPA in [B, heads=1, N, C] layout; scale=1.0 as DANet has no 1/sqrt(d).
-    # On CPU with Cq != Cv it takes the math path, which materialises N x N.
-    t = lambda a: a.flatten(2).transpose(1, 2).unsqueeze(1)  # noqa: E731
-    o = F.scaled_dot_product_attention(t(q), t(k), t(v), scale=1.0)
+    # SDPA in [B, heads=1, N, C] layout (the transposing copies are part of its cost);
+    # scale=1.0 as DANet has no 1/sqrt(d).
+    t = lambda a: a.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # noqa: E731
+    if q.is_cuda:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            o = F.scaled_dot_product_attention(t(q), t(k), t(v), scale=1.0)
+    else:
+        o = F.scaled_dot_product_attention(t(q), t(k), t(v), scale=1.0)
     return gamma * o.squeeze(1).transpose(1, 2).reshape(v.shape) + x
 
 
@@ -58,6 +70,7 @@ def _bench(benchmark, record, fn, inputs, dev, info):
     out_holder = {}
 
     def fwd():
+        out_holder.clear()  # the previous output is not part of this call's peak memory
         with torch.no_grad():
             out_holder["y"] = fn(*inputs)
         sync(dev)
@@ -70,12 +83,11 @@ def _bench(benchmark, record, fn, inputs, dev, info):
         sync(dev)
 
     run = fwd if info["pass"] == "fwd" else fwdbwd
-    run()  # warm-up (also compiles / autotunes Triton)
-    mem = peak_memory(run, dev)
     rounds = 3 if info["N"] >= 96 * 96 and dev == "cpu" else 5
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
-    record(benchmark, peak_mem=mem, input_bytes=sum(t.numel() * t.element_size() for t in inputs),
-           **info)
+    status, mem, note = measure(benchmark, run, dev, rounds)
+    out_holder.clear()
+    record(benchmark, status=status, note=note, peak_mem=mem,
+           input_bytes=sum(t.numel() * t.element_size() for t in inputs), **info)
 
 
 def _params(op):
@@ -112,7 +124,8 @@ def test_cam(benchmark, record, case, backend, pas):
     per_image = (4 if pas == "fwd" else 12) * C * C * N
     _bench(benchmark, record, fn, inputs, dev,
            dict(op="cam", backend=backend, device=dev, dtype=str(dtype).split(".")[-1], B=B, C=C,
-                Cq=0, H=H, W=W, N=N, flops=B * per_image, **{"pass": pas}))
+                Cq=0, H=H, W=W, N=N, flops=B * per_image,
+                bytes=B * (2 if pas == "fwd" else 5) * C * N * inputs[0].element_size(), **{"pass": pas}))
 
 
 @pytest.mark.parametrize("dev", devices())
@@ -131,3 +144,22 @@ def test_matmul_rate(benchmark, record, dev):
     benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
     record(benchmark, op="matmul", backend="torch.mm", device=dev, dtype=str(dtype).split(".")[-1],
            B=1, C=n, Cq=0, H=n, W=n, N=n, flops=2 * n ** 3, peak_mem=None, **{"pass": "fwd"})
+
+
+@pytest.mark.parametrize("dev", devices())
+def test_copy_bandwidth(benchmark, record, dev):
+    """The machine's memory bandwidth in this run: a 1 GiB (GPU) or 256 MiB (CPU) tensor copy,
+    counting the bytes read plus the bytes written."""
+    n = (1 << 28) if dev == "cuda" else (1 << 26)
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        sync(dev)
+
+    benchmark.group = f"copy-{dev}"
+    run()
+    benchmark.pedantic(run, rounds=10, warmup_rounds=1, iterations=1)
+    record(benchmark, op="copy", backend="copy_", device=dev, dtype="float32", B=1, C=0, Cq=0,
+           H=n, W=1, N=n, flops=0, bytes=2 * 4 * n, peak_mem=None, **{"pass": "fwd"})
