@@ -83,18 +83,18 @@ def ptxas(tmp_path_factory):
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
     cu, _ = _cuda_sources()
     tmp = tmp_path_factory.mktemp("nvcc")
-    gencode = []
-    for arch in ARCHS:
-        gencode += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
 
-    def build(src):
-        cmd = [nvcc, *NVCC_FLAGS, *gencode, "-I", str(src.parent), "-c", str(src),
-               "-o", str(tmp / (src.stem + ".o"))]
+    def build(job):  # one (source, arch) per nvcc process keeps the two workers balanced
+        src, arch = job
+        cmd = [nvcc, *NVCC_FLAGS, "-gencode", f"arch=compute_{arch[3:]},code={arch}",
+               "-I", str(src.parent), "-c", str(src), "-o", str(tmp / f"{src.stem}.{arch}.o")]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         return src, cmd, res
 
+    jobs = sorted(((src, arch) for src in cu for arch in ARCHS),
+                  key=lambda j: -j[0].stat().st_size)  # biggest first
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(build, cu))
+        results = list(pool.map(build, jobs))
     failures = [f"{' '.join(cmd)}\n{res.stdout}{res.stderr}" for _, cmd, res in results
                 if res.returncode != 0]
     assert not failures, "nvcc failed:\n" + "\n\n".join(failures)

@@ -15,7 +15,7 @@
 //   cam_w_kernel          : W1 = gamma*A^T, W2 = dE + dE^T (the symmetric Gram: one product)
 //   cam_mix_kernel        : dx = [W1 | W2] [dy ; a] (+ dy residual), a single K = 2C product
 // The matmul kernels use the 64x64 tile / warp-engine conventions of device_utils.cuh
-// (4 warps, each 16 rows x 64 columns; cp.async double buffering of both operand tiles).
+// (4 warps, each 16 rows x 64 columns; both operand tiles through the 3-stage cp.async pipeline).
 #include "danet_cuda.cuh"
 #include "device_utils.cuh"
 
@@ -55,7 +55,7 @@ template <class T, bool TF32, bool SYM>
 __global__ void __launch_bounds__(kThreads, 1) cam_gram_kernel(const GramArgs a) {
   constexpr int TE = Tile<T>::kElems, P = Tile<T>::kPitch;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sStage = reinterpret_cast<T*>(smem);  // [2 stages][A | B]
+  T* sStage = reinterpret_cast<T*>(smem);  // [kStages][A | B]
 
   int ti, tj;
   if constexpr (SYM) {
@@ -82,27 +82,19 @@ __global__ void __launch_bounds__(kThreads, 1) cam_gram_kernel(const GramArgs a)
   const int64_t i0 = (int64_t)ti * kTile, j0 = (int64_t)tj * kTile;
 
   auto issue = [&](int step) {
-    T* sA = sStage + 2 * (step & 1) * TE;
+    T* sA = sStage + 2 * (step % kStages) * TE;
     const int64_t n0 = n_begin + (int64_t)step * kTile;
     load_tile(sA, U, a.u.sc, a.u.sn, i0, C, n0, n_end, a.u.vec);  // columns past the split are 0
     if (!same) load_tile(sA + TE, W, a.w.sc, a.w.sn, j0, C, n0, n_end, a.w.vec);
   };
-
   float acc[8][4];
   zero_acc(acc);
-  if (steps > 0) issue(0);
-  cp_async_commit();
-  for (int step = 0; step < steps; ++step) {
-    if (step + 1 < steps) issue(step + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* sA = sStage + 2 * (step & 1) * TE;
+  auto compute = [&](int step) {
+    const T* sA = sStage + 2 * (step % kStages) * TE;
     // acc[i][j] += sum_n U[i][n] W[j][n]: A(m, k) = sA[m][k], B(k, n) = sB[n][k]
     warp_gemm<T, TF32, false, false>(acc, sA + warp * 16 * P, same ? sA : sA + TE, 4);
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+  };
+  run_pipeline(steps, issue, compute);
 
   float* out = a.partial + (s * a.B + b) * C * C;
 #pragma unroll
@@ -176,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) cam_mix_kernel(const MixArgs a) {
 
   auto issue = [&](int step) {
     const int ph = step / nK, kc = step - ph * nK;
-    T* sA = sStage + 2 * (step & 1) * TE;
+    T* sA = sStage + 2 * (step % kStages) * TE;
     const T* Wp = static_cast<const T*>(a.w[ph]) + b * C * C;
     const Operand& z = a.z[ph];
     const T* Zp = static_cast<const T*>(z.p) + b * z.sb;
@@ -186,21 +178,14 @@ __global__ void __launch_bounds__(kThreads, 1) cam_mix_kernel(const MixArgs a) {
 
   float acc[8][4];
   zero_acc(acc);
-  issue(0);
-  cp_async_commit();
-  for (int step = 0; step < total; ++step) {
-    if (step + 1 < total) issue(step + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+  auto compute = [&](int step) {
     const int kc = step % nK;
-    const T* sA = sStage + 2 * (step & 1) * TE;
+    const T* sA = sStage + 2 * (step % kStages) * TE;
     const int64_t left = C - (int64_t)kc * kTile;
     const int k16 = left >= kTile ? 4 : (int)((left + 15) / 16);
     warp_gemm<T, TF32, false, true>(acc, sA + warp * 16 * P, sA + TE, k16);
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+  };
+  run_pipeline(total, issue, compute);
 
   float* st = reinterpret_cast<float*>(smem);  // [64 channels][kStagePitch] fp32
   stage_acc<false>(st, kStagePitch, acc, warp * 16, 0, 1.f, 1.f);
@@ -282,8 +267,8 @@ __global__ void __launch_bounds__(256) cam_w_kernel(const float* attn, const flo
 // ----------------------------------------------------------------------------------------
 // Launch configuration.
 template <class T>
-constexpr size_t gram_smem_bytes() { return 4 * (size_t)Tile<T>::kBytes; }
-static_assert(kTile * kStagePitch * 4 <= 4 * Tile<__half>::kBytes, "mix staging fits");
+constexpr size_t gram_smem_bytes() { return 2 * kStages * (size_t)Tile<T>::kBytes; }
+static_assert(kTile * kStagePitch * 4 <= 2 * kStages * Tile<__half>::kBytes, "mix staging fits");
 
 // Number of N-splits of the Gram products: enough blocks for ~4 per SM, each split >= 1024
 // positions. Depends only on the sizes and the device, so the workspace size and the launch agree.

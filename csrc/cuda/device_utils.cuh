@@ -309,7 +309,7 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[8][4], const T* sA, const
       }
     } else {
       const int K = 16 * k16;
-#pragma unroll 2
+#pragma unroll 1  // 32 independent FMAs per k already; unrolling only adds register pressure
       for (int k = 0; k < K; ++k) {
         const float a0 = A(g, k), a1 = A(g + 8, k);
 #pragma unroll
@@ -392,7 +392,7 @@ struct RegA<float, TF32> {
                         to_tf32(sB[(nt * 8 + g) * P + k0 + t + 4]));
       }
     } else {
-#pragma unroll 2
+#pragma unroll 1
       for (int k = 0; k < kTile; ++k) {
         const float a0 = s[g * kStagePitch + k], a1 = s[(g + 8) * kStagePitch + k];
 #pragma unroll
@@ -407,6 +407,33 @@ struct RegA<float, TF32> {
     }
   }
 };
+
+// ------------------------------------------------------------------ pipeline
+constexpr int kStages = 3;  // smem stages of the cp.async pipeline (prefetch distance 2)
+
+// Runs steps 0..total-1 of a kernel through a kStages-deep cp.async pipeline. issue(s) starts
+// the loads of step s into stage s % kStages (cp.async, or plain stores on the element-wise
+// path); compute(s) consumes that stage. One commit group per step (empty ones included) keeps
+// the group count aligned with the step index, so wait_group<kStages - 2> means "step s has
+// landed". A single barrier per step both publishes step s and proves that every warp is done
+// with step s - 1, whose stage is the one issue(s + kStages - 1) then overwrites.
+template <class Issue, class Compute>
+__device__ __forceinline__ void run_pipeline(int total, Issue&& issue, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) issue(s);
+    cp_async_commit();
+  }
+  for (int s = 0; s < total; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (s + kStages - 1 < total) issue(s + kStages - 1);
+    cp_async_commit();
+    compute(s);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the caller may now reuse the stages (epilogue staging)
+}
 
 // ------------------------------------------------------------------ misc
 __device__ __forceinline__ void zero_acc(float (&acc)[8][4]) {

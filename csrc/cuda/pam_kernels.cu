@@ -15,8 +15,8 @@
 //   with P = exp2(E*log2e - lse*log2e), dP = gamma * dy^T v (all Cv, streamed), dS = P*(dP - Delta).
 //
 // Pipeline: every kernel runs a flat sequence of "steps"; a step consumes one stage of two
-// 64x64 smem tiles (sA, sB) that was filled by cp.async one step earlier (2-stage double
-// buffering: load step s+1 while computing step s). Per 64-wide column block the steps are
+// 64x64 smem tiles (sA, sB) filled by cp.async two steps earlier (run_pipeline: 3 stages, the
+// loads of steps s+1 and s+2 in flight while step s computes). Per 64-wide column block:
 //   S-steps  (ceil(Cq/64)) : S  += sA^T sB  over a 64-channel chunk of q/k
 //   dP-steps (ceil(Cv/64)) : dP += sA^T sB  over a 64-channel chunk of dy/v     (dQ/dK only)
 //   V-steps                : acc += X sB^T  over the 64 column positions (X = P or dS in registers)
@@ -59,15 +59,16 @@ struct DqkArgs {
   int64_t Cq, Cv, N;     // sizes
 };
 
-// Shared-memory plan (bytes) of both kernels: resident rows tile + 2 stages x 2 tiles, then
-// statistics [2][2][64] fp32, then (fp32 engines) four per-warp [16][kStagePitch] staging tiles.
-// The epilogue reuses the tile area as an fp32 [<=128][kStagePitch] staging tile.
+// Shared-memory plan (bytes) of both kernels: resident rows tile + kStages stages x 2 tiles,
+// then statistics [2][2][64] fp32, then (fp32 engines) four per-warp [16][kStagePitch] staging
+// tiles. The epilogue reuses the tile area as an fp32 [<=128][kStagePitch] staging tile.
+constexpr int kPamTiles = 1 + 2 * kStages;
 template <class T>
 constexpr size_t pam_smem_bytes() {
-  return 5 * (size_t)Tile<T>::kBytes + 4 * kTile * sizeof(float) +
+  return kPamTiles * (size_t)Tile<T>::kBytes + 4 * kTile * sizeof(float) +
          (sizeof(T) == 4 ? 4 * 16 * kStagePitch * sizeof(float) : 0);
 }
-static_assert(128 * kStagePitch * 4 <= 5 * Tile<__half>::kBytes, "epilogue staging fits");
+static_assert(128 * kStagePitch * 4 <= kPamTiles * Tile<__half>::kBytes, "epilogue staging fits");
 
 // ----------------------------------------------------------------------------------------
 // Forward / dV.  grid = (ceil(N/64), ceil(Cv/CVT), B), block = 128.
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sR = reinterpret_cast<T*>(smem);                          // resident rows tile (Cq <= 64)
   T* sStage = sR + TE;                                         // [stage][A|B] tiles
-  float* sStat = reinterpret_cast<float*>(sStage + 4 * TE);    // dV: [2][64] lse*log2e of cols
+  float* sStat = reinterpret_cast<float*>(sStage + 2 * kStages * TE);  // dV: [2][64] lse*log2e
   float* sWarp = sStat + 4 * kTile;                            // fp32 engines: P staging
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   auto issue = [&](int step) {
     const int cb = step / spb, u = step - cb * spb;
     const int64_t j0 = (int64_t)cb * kTile;
-    T* sA = sStage + 2 * (step & 1) * TE;
+    T* sA = sStage + 2 * (step % kStages) * TE;
     T* sB = sA + TE;
     if (u < nQ) {
       if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, N, a.r.vec);
@@ -118,9 +119,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
     }
   };
 
-  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);
-  issue(0);
-  cp_async_commit();
+  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);  // in group 0
 
   float s[8][4];       // S (then P) for this warp's 16 rows x the 64 columns of the block
   float acc[NH][8][4];  // output accumulator: 16 rows x CVT channels
@@ -131,13 +130,9 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
   RegA<T, TF32> pa(sWarp + warp * 16 * kStagePitch);
 
-  for (int step = 0; step < total; ++step) {
-    if (step + 1 < total) issue(step + 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // this step's stage has landed
-    __syncthreads();
+  auto compute = [&](int step) {
     const int cb = step / spb, u = step - cb * spb;
-    const T* sA = sStage + 2 * (step & 1) * TE;
+    const T* sA = sStage + 2 * (step % kStages) * TE;
     const T* sB = sA + TE;
     if (u < nQ) {
       // S[r][j] += sum_c R[c][r] * C[c][j] over this 64-channel chunk
@@ -206,9 +201,8 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
       for (int hh = 0; hh < NH; ++hh)
         if (hh == h) pa.gemm(acc[hh], sB);
     }
-    __syncthreads();  // stage (step & 1) is refilled by the next iteration's issue
-  }
-  cp_async_wait<0>();
+  };
+  run_pipeline(total, issue, compute);
 
   // Epilogue: scale rows, stage transposed ([channel][position]) for coalesced stores.
   float sc_lo, sc_hi, gm = a.gamma != nullptr ? *a.gamma : 1.f;
@@ -257,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sR = reinterpret_cast<T*>(smem);
   T* sStage = sR + TE;
-  float* sStat = reinterpret_cast<float*>(sStage + 4 * TE);  // dK: [2][lse2 | delta][64]
+  float* sStat = reinterpret_cast<float*>(sStage + 2 * kStages * TE);  // dK: [2][lse2|delta][64]
   float* sWarp = sStat + 4 * kTile;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -291,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
   auto issue = [&](int step) {
     const int cb = step / spb, u = step - cb * spb;
     const int64_t j0 = (int64_t)cb * kTile;
-    T* sA = sStage + 2 * (step & 1) * TE;
+    T* sA = sStage + 2 * (step % kStages) * TE;
     T* sB = sA + TE;
     if (u < nQ) {
       if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, N, a.r.vec);
@@ -313,9 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
     }
   };
 
-  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);
-  issue(0);
-  cp_async_commit();
+  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);  // in group 0
 
   float s[8][4];        // S, then P (fp32)
   float dp[8][4];       // dP, then dS
@@ -326,14 +318,10 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
   for (int h = 0; h < NO; ++h) zero_acc(acc[h]);
   RegA<T, TF32> pa(sWarp + warp * 16 * kStagePitch);
 
-  for (int step = 0; step < total; ++step) {
-    if (step + 1 < total) issue(step + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+  auto compute = [&](int step) {
     const int cb = step / spb, u = step - cb * spb;
     const int64_t j0 = (int64_t)cb * kTile;
-    const T* sA = sStage + 2 * (step & 1) * TE;
+    const T* sA = sStage + 2 * (step % kStages) * TE;
     const T* sB = sA + TE;
     const float* st = sStat + (cb & 1) * 2 * kTile;
     if (u < nQ) {
@@ -375,9 +363,8 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
       for (int oo = 0; oo < NO; ++oo)
         if (oo == o) pa.gemm(acc[oo], sB);
     }
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+  };
+  run_pipeline(total, issue, compute);
 
   float* stg = reinterpret_cast<float*>(smem);  // [CQT][kStagePitch]
 #pragma unroll
