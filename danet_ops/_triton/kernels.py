@@ -109,11 +109,13 @@ def pam_fwd_kernel(
 @triton.jit
 def rowdot_kernel(DY, O, R, N, C,
                   s_db, s_dc, s_dn, s_ob, s_oc, s_on, s_rb, s_rn,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                  ROUND_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """R[b, i] = sum_c dy[b, c, i] * o[b, c, i]   (fp32).
 
     DY, O: [B, C, N]; R: [B, N] fp32. Grid (cdiv(N, BLOCK_M), B). PAM's backward uses it for
     Delta = gamma * R and both PAM and CAM for dgamma = sum(R) (summed by torch: fixed order).
+    ROUND_DY rounds dy to O's dtype first: the dy values the PAM gradient products use when dy
+    is wider than v (autocast), so that dP - Delta cancels consistently.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -127,7 +129,10 @@ def rowdot_kernel(DY, O, R, N, C,
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         mask = ((c0 + offs_c) < C)[:, None] & m_mask[None, :]
-        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0)
+        if ROUND_DY:
+            dy = dy.to(O.dtype.element_ty)
+        dy = dy.to(tl.float32)
         o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(dy * o, 0)
         dy_ptrs += BLOCK_C * s_dc

@@ -82,8 +82,8 @@ def forward(q, k, v, x, gamma):
     return o, lse, y
 
 
-def rowdot(dy, o):
-    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N]."""
+def rowdot(dy, o, round_dy=False):
+    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N] (round_dy: dy rounded to o's dtype)."""
     B, Cc, N = o.shape
     dev = o.device
     r = torch.empty((B, N), dtype=torch.float32, device=dev)
@@ -93,7 +93,7 @@ def rowdot(dy, o):
     with _on(dev):
         K.rowdot_kernel[(triton_cdiv(N, meta["BLOCK_M"]), B)](
             dy, o, r, N, Cc, *_strides(dy), *_strides(o), *_strides(r),
-            num_warps=warps, **meta)
+            ROUND_DY=round_dy, num_warps=warps, **meta)
     return r
 
 
@@ -118,7 +118,10 @@ def backward(dy, q, k, v, o, lse, gamma):
         dgamma = torch.zeros((1,) if has_gamma else (0,), dtype=torch.float32, device=dev)
         return dq.zero_(), dk.zero_(), dv.zero_(), dgamma
 
-    r = rowdot(dy, o)                                   # Delta = gamma * r (in the kernels)
+    # Delta = gamma * r inside the kernels, from the dy values their products use (dy rounded
+    # to v's dtype); dgamma from the exact dy. They differ only when dy is wider (autocast).
+    r_exact = rowdot(dy, o)
+    r = r_exact if dy.dtype == v.dtype else rowdot(dy, o, round_dy=True)
     lse = lse if lse.dtype == torch.float32 else lse.float()
     gptr = gamma if has_gamma else r
     cq_p = _cq_pad(Cq)
@@ -152,7 +155,7 @@ def backward(dy, q, k, v, o, lse, gamma):
     if chunks > 1:
         dk.copy_(dkp.sum(0))                            # fixed-order sum of the chunk partials
     if has_gamma:
-        dgamma = r.sum().reshape(1)
+        dgamma = r_exact.sum().reshape(1)
     else:
         dgamma = torch.empty((0,), dtype=torch.float32, device=dev)
     return dq, dk, dv, dgamma
