@@ -58,6 +58,10 @@ void cam_check_launch(cudaError_t e, const char* op) {
   if (e == cudaErrorNoKernelImageForDevice)
     TORCH_CHECK(false, op, ": the danet_ops CUDA kernels need an sm_80+ GPU (Ampere or newer) "
                 "and a build that targets it; use backend='triton' or 'reference' here");
+  if (e == cudaErrorInvalidConfiguration)
+    TORCH_CHECK(false, op, ": launch configuration rejected by this GPU (the float32 kernels "
+                "use up to 137 KB of shared memory per block, which sm_86/sm_89 GPUs do not "
+                "offer); use float16/bfloat16, or backend='triton' or 'reference' here");
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), " (",
               cudaGetErrorString(e), ")");
 }
