@@ -1,0 +1,72 @@
+"""DANet-R50 end to end: one training step and inference, fused attention vs "reference" (the
+released bmm modules), the number users care about most: img/s and peak memory.
+
+Model: models.danet.DANet(19, "resnet50") (dilated ResNet-50 at output stride 8, the released
+DANetHead; attention at 1/8 of the image: N = 8192 at 512x1024, 32768 at 1024x2048). Training
+step: forward in train mode, the released loss (cross-entropy summed over the three outputs),
+backward, SGD step. Inference: eval mode under torch.no_grad(). GPU: bf16 autocast, batch 2, both
+sizes in the full sweep (512x1024 in the short one); an out-of-memory case gives an "OOM" row.
+CPU (2 cores are slow): full sweep only, float32, batch 1, 512x1024, two timed inference calls
+and one timed training step (after the two warm-up calls every case makes).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from danet_ops import _backends
+from models.danet import DANet
+
+from .conftest import FULL, devices, measure, sync
+
+NCLASS = 19
+
+
+def _cases():
+    for dev in devices():
+        if dev == "cpu":
+            sizes, B = ([(512, 1024)] if FULL else []), 1
+        else:
+            sizes, B = ([(512, 1024), (1024, 2048)] if FULL else [(512, 1024)]), 2
+        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+        backends = ["reference"] + [b for b in ("cpu", "cuda", "triton") if all(
+            _backends.check(b, op, torch.device(dev), dtype)[0] for op in ("pam", "cam"))]
+        for H, W in sizes:
+            for mode in ("infer", "train"):
+                for backend in backends:
+                    yield pytest.param(dev, dtype, B, H, W, mode, backend,
+                                       id=f"{dev}-{mode}-B{B}-{H}x{W}-{backend}")
+
+
+@pytest.mark.parametrize("dev,dtype,B,H,W,mode,backend", list(_cases()))
+def test_danet_r50(benchmark, record, dev, dtype, B, H, W, mode, backend):
+    benchmark.group = f"model-{mode}-{dev}-{H}x{W}"
+    torch.manual_seed(0)
+    model = DANet(NCLASS, "resnet50", attention_backend=backend).to(dev)
+    x = torch.randn(B, 3, H, W, device=dev)
+    target = torch.randint(0, NCLASS, (B, H, W), device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    amp = torch.autocast("cuda", dtype=dtype, enabled=dev == "cuda")
+
+    def infer():
+        with torch.no_grad(), amp:
+            model(x)
+        sync(dev)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = sum(F.cross_entropy(o.float(), target) for o in model(x))
+        loss.backward()
+        opt.step()
+        sync(dev)
+
+    model.train(mode == "train")
+    rounds = (1 if mode == "train" else 2) if dev == "cpu" else 5  # CPU: one timed training step
+    status, mem, note = measure(benchmark, train if mode == "train" else infer, dev, rounds)
+    record(benchmark, op=f"model-{mode}", backend=backend, device=dev, dtype=str(dtype).split(".")[-1],
+           B=B, C=512, Cq=64, H=H, W=W, N=(H // 8) * (W // 8), flops=None, status=status, note=note,
+           peak_mem=mem, input_bytes=x.numel() * x.element_size(),
+           **{"pass": "fwdbwd" if mode == "train" else "fwd"})
+    del model, opt
+    if dev == "cuda":
+        torch.cuda.empty_cache()
