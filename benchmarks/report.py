@@ -250,7 +250,7 @@ def _model_table(rows):
             "peak MiB", "mem vs reference"]
     body = [[r["op"].split("-")[1], f"{r['H']}×{r['W']}", r["B"], r["dtype"], r["backend"],
              _fmt(r.get("median_s"), "%.0f", 1e3) if _ok(r) else f"**{r['status']}**",
-             _fmt(r.get("iqr_s"), "%.0f", 1e3) if _ok(r) else "—", _fmt(r["img_per_s"], "%.2f"),
+             _fmt(r.get("iqr_s"), "%.0f", 1e3) if _ok(r) else "—", _fmt(r["img_per_s"], "%.3g"),
              _fmt(r["speedup_vs_reference"], "%.2f×"),
              _fmt(r.get("peak_mem") if _ok(r) else None, "%.0f", 2 ** -20),
              _fmt(r["mem_ratio_vs_reference"], "%.3f")] for r in rows]
@@ -269,7 +269,8 @@ def write_markdown(g, path, plots):
             ("matmul rate, this run", _fmt(g["matmul"], f"%.2f {unit}", 1e-9 / div)
              + (" (bf16 8192² torch.mm)" if g["device"] == "cuda" else " (fp32 4096² torch.mm)")),
             ("copy bandwidth, this run", _fmt(g["copy"], "%.1f GB/s", 1e-9)),
-            ("source", ", ".join(os.path.relpath(s) for s in g["sources"]))]
+            ("source", ", ".join(s if os.path.relpath(s).startswith("..") else os.path.relpath(s)
+                                 for s in g["sources"]))]
     parts = [f"# danet_ops benchmarks: {g['model']} ({g['device']}), {g['date']}", "",
              _md_table(["", ""], info), "",
              "## SPEC §7 targets", "",
