@@ -1,6 +1,7 @@
 """Benchmark report: markdown, CSV and PNG plots from the benchmark suite's JSON.
 
     python -m benchmarks.report                        # the newest benchmarks/results/raw/last-*.json
+                                                       # (or in $DANET_OPS_BENCH_OUT, as the suite)
     python -m benchmarks.report --json A.json [B.json]  # given summaries (last-cpu.json, last-gpu.json)
     python -m benchmarks.report --run [--full]         # run `pytest benchmarks --benchmark-only` first
 
@@ -429,7 +430,7 @@ def write_report(paths, out_dir):
 def run_suite(raw_dir, full, extra):
     """Run the benchmark suite (peers and ours in one run); returns (exit code, summary JSONs)."""
     os.makedirs(raw_dir, exist_ok=True)
-    env = dict(os.environ, DANET_OPS_BENCH_OUT=os.path.abspath(raw_dir))
+    env = dict(os.environ, DANET_OPS_BENCH_OUT=os.path.abspath(raw_dir))  # where conftest writes
     if full:
         env["DANET_OPS_BENCH_FULL"] = "1"
     start = time.time()
@@ -443,25 +444,28 @@ def run_suite(raw_dir, full, extra):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", nargs="+", metavar="PATH", help="summary JSON(s) written by the benchmark suite "
-                    "(default: the newest last-*.json in <out>/raw)")
+                    "(default: the newest last-*.json in $DANET_OPS_BENCH_OUT or benchmarks/results/raw)")
     ap.add_argument("--run", action="store_true", help="run `pytest benchmarks --benchmark-only` first")
     ap.add_argument("--full", action="store_true", help="with --run: the full sweep (DANET_OPS_BENCH_FULL=1)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default benchmarks/results)")
     ap.add_argument("pytest_args", nargs="*", help="with --run: extra pytest arguments (after --)")
     args = ap.parse_args(argv)
-    rc = 0
+    rc, raw = 0, os.environ.get("DANET_OPS_BENCH_OUT") or os.path.join(HERE, "results", "raw")
     if args.run:
-        rc, paths = run_suite(os.path.join(args.out, "raw"), args.full, args.pytest_args)
+        rc, paths = run_suite(raw, args.full, args.pytest_args)
     elif args.json:
         paths = args.json
     else:
-        found = glob.glob(os.path.join(args.out, "raw", "last-*.json"))
+        found = glob.glob(os.path.join(raw, "last-*.json"))
         paths = [max(found, key=os.path.getmtime)] if found else []
     if not paths:
         ap.error("no benchmark summary JSON found: pass --json PATH or --run")
-    for md in write_report(paths, args.out):
+    written = write_report(paths, args.out)
+    for md in written:
         print(f"[report] wrote {md} (+ .csv and plots)")
-    return rc
+    if not written:
+        print(f"[report] no PAM/CAM/model rows in {', '.join(paths)}: nothing written", file=sys.stderr)
+    return rc or (0 if written else 1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 # Environment:
 #   GPU_CHECK_OUT  output folder (default: $OUT if set, else ./gpu_check_out)
 #   WHEELS         folder of wheels for an offline install of what is missing
-#                  (pytest, pytest-benchmark, matplotlib, ninja, numpy):
+#                  (pytest, pytest-benchmark, matplotlib, ninja, numpy, tqdm):
 #                  pip install --no-index --find-links "$WHEELS" ...
 #   PYTHON         the interpreter (default python3)
 #   STEP_TIMEOUT   seconds allowed to each command (default: no limit)
@@ -72,7 +72,7 @@ PY
 
 step_deps() {
   local missing=() mod pkg
-  for pair in pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib ninja:ninja numpy:numpy; do
+  for pair in pytest:pytest pytest_benchmark:pytest-benchmark matplotlib:matplotlib ninja:ninja numpy:numpy tqdm:tqdm; do
     mod=${pair%%:*}; pkg=${pair#*:}
     "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
   done
@@ -84,7 +84,8 @@ step_deps() {
       echo "set WHEELS=/path/to/wheels to install them offline"
     fi
   fi
-  # pytest and pytest-benchmark are required; without matplotlib the report has no plots.
+  # pytest and pytest-benchmark are required; without matplotlib the report has no plots, without
+  # ninja the build is serial, without numpy (and tqdm) some model tests fail.
   "$PY" -c "import pytest, pytest_benchmark; print('pytest', pytest.__version__, 'pytest-benchmark', pytest_benchmark.__version__)"
 }
 
