@@ -40,6 +40,8 @@ def _cases():
 @pytest.mark.parametrize("dev,dtype,B,H,W,mode,backend", list(_cases()))
 def test_danet_r50(benchmark, record, dev, dtype, B, H, W, mode, backend):
     benchmark.group = f"model-{mode}-{dev}-{H}x{W}"
+    if dev == "cuda":
+        torch.cuda.empty_cache()  # the previous case's model is gone: start from a clean cache
     torch.manual_seed(0)
     model = DANet(NCLASS, "resnet50", attention_backend=backend).to(dev)
     x = torch.randn(B, 3, H, W, device=dev)
@@ -67,6 +69,3 @@ def test_danet_r50(benchmark, record, dev, dtype, B, H, W, mode, backend):
            B=B, C=512, Cq=64, H=H, W=W, N=(H // 8) * (W // 8), flops=None, status=status, note=note,
            peak_mem=mem, input_bytes=x.numel() * x.element_size(),
            **{"pass": "fwdbwd" if mode == "train" else "fwd"})
-    del model, opt
-    if dev == "cuda":
-        torch.cuda.empty_cache()
