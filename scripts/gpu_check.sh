@@ -5,7 +5,7 @@
 # small PAM/CAM forward+backward runs of the cuda and triton backends, run the full benchmark sweep
 # and write the report. Everything lands in one folder; copy it back as docs/benchmarks.md says.
 #
-#   scripts/gpu_check.sh [STEP ...]     steps: env deps build test sanitize bench report
+#   scripts/gpu_check.sh [STEP ...]     steps: env deps build test sanitize bench model report
 #                                       (default: all, in that order)
 # Environment:
 #   GPU_CHECK_OUT  output folder (default: $OUT if set, else ./gpu_check_out)
@@ -26,7 +26,7 @@ mkdir -p "$OUTDIR/logs" && OUTDIR=$(cd "$OUTDIR" && pwd)
 LOGS=$OUTDIR/logs
 SUMMARY=$OUTDIR/summary.md
 FAILED=0
-if [ $# -gt 0 ]; then STEPS=("$@"); else STEPS=(env deps build test sanitize bench report); fi
+if [ $# -gt 0 ]; then STEPS=("$@"); else STEPS=(env deps build test sanitize bench model report); fi
 export PYTHONUNBUFFERED=1
 
 [ -f "$SUMMARY" ] || printf '| step | result | seconds | log |\n|---|---|---|---|\n' >"$SUMMARY"
@@ -157,26 +157,30 @@ step_sanitize() {
   done
 }
 
-step_bench() {
-  mkdir -p "$OUTDIR/raw"
-  DANET_OPS_BENCH_FULL=1 DANET_OPS_BENCH_OUT="$OUTDIR/raw" DANET_OPS_BENCH_DEVICES="${BENCH_DEVICES:-cuda}" \
-    "$PY" -m pytest "$ROOT/benchmarks" --benchmark-only -q -p no:cacheprovider
+# The full sweep, in two runs (each can be its own call under a time limit) with their own
+# summaries: raw/attention/ (PAM, CAM, matmul rate, copy bandwidth) and raw/model/ (DANet-R50).
+sweep() {
+  mkdir -p "$OUTDIR/raw/$1"
+  DANET_OPS_BENCH_FULL=1 DANET_OPS_BENCH_OUT="$OUTDIR/raw/$1" DANET_OPS_BENCH_DEVICES="${BENCH_DEVICES:-cuda}" \
+    "$PY" -m pytest "$ROOT/benchmarks/$2" --benchmark-only -q -p no:cacheprovider
 }
+step_bench() { sweep attention test_bench_attention.py; }
+step_model() { sweep model test_bench_model.py; }
 
 step_report() {
   local json=()
-  for f in "$OUTDIR"/raw/last-*.json; do [ -e "$f" ] && json+=("$f"); done
-  [ ${#json[@]} -gt 0 ] || { echo "no $OUTDIR/raw/last-*.json: run the bench step first"; return 1; }
+  for f in "$OUTDIR"/raw/*/last-*.json; do [ -e "$f" ] && json+=("$f"); done
+  [ ${#json[@]} -gt 0 ] || { echo "no $OUTDIR/raw/*/last-*.json: run the bench and model steps first"; return 1; }
   "$PY" -m benchmarks.report --json "${json[@]}" --out "$OUTDIR"
 }
 
 export PY ROOT OUTDIR
-export -f step_env step_deps step_build step_test step_bench step_report
+export -f step_env step_deps step_build step_test sweep step_bench step_model step_report
 for s in "${STEPS[@]}"; do
   case $s in
     sanitize) step_sanitize ;;  # one summary line per tool and backend
-    env | deps | build | test | bench | report) check "$s" "step_$s" ;;
-    *) echo "unknown step '$s' (env deps build test sanitize bench report)"; FAILED=1
+    env | deps | build | test | bench | model | report) check "$s" "step_$s" ;;
+    *) echo "unknown step '$s' (env deps build test sanitize bench model report)"; FAILED=1
        printf '| %s | **FAIL** (unknown step) | 0 | |\n' "$s" >>"$SUMMARY" ;;
   esac
 done
