@@ -230,27 +230,32 @@ def test_cpu_tensors_without_interpreter_are_refused():
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _capture_launches(run, arch="sm90"):
+def _capture_launches(run, capability=(9, 0)):
     """Run host code with every kernel replaced by a recorder: [(kernel, args, constexprs,
-    num_warps, num_stages)] exactly as a GPU launch would get them (first autotune config)."""
+    num_warps, num_stages)] exactly as a GPU launch would get them, with the first autotune
+    candidate that the real pruner keeps for those arguments."""
     from danet_ops._triton import cam, kernels, pam
 
     launches = []
 
     class Recorder:
-        def __init__(self, fn, warps=4, stages=3, meta=None):
-            self.fn, self.warps, self.stages, self.meta = fn, warps, stages, meta or {}
+        def __init__(self, fn, name=None):
+            self.fn, self.name = fn, name
 
         def __getitem__(self, grid):
-            def launch(*args, num_warps=None, **kwargs):
-                launches.append((self.fn, args, {**kwargs, **self.meta},
-                                 num_warps or self.warps, self.stages))
+            def launch(*args, num_warps=4, **kwargs):
+                stages = 3
+                if self.name is not None:  # autotuned: what the pruner keeps, first candidate
+                    named = dict(zip(self.fn.arg_names, args))
+                    cfg = _common._prune(self.name, 227 * 1024)(
+                        _common.candidates(self.name, capability), named, **kwargs)[0]
+                    kwargs = {**kwargs, **cfg.kwargs}
+                    num_warps, stages = cfg.num_warps, cfg.num_stages
+                launches.append((self.fn, args, kwargs, num_warps, stages))
             return launch
 
     def launcher(module, name, kernel_name, key, device):
-        table = _common._TABLE[name]
-        meta, warps, stages = table[arch][0]
-        return Recorder(getattr(kernels, kernel_name), warps, stages, dict(zip(table["names"], meta)))
+        return Recorder(getattr(kernels, kernel_name), name)
 
     recorders = type("K", (), {n: Recorder(getattr(kernels, n)) for n in dir(kernels)
                                if n.endswith("_kernel")})
@@ -311,10 +316,12 @@ def _compile_offline(fn, args, constexprs, warps, stages, capability):
 
 
 @pytest.mark.slow
-def test_compiled_mode_kernels_build_for_sm90_without_spills():
+def test_compiled_mode_kernels_build_for_sm90_without_spills(monkeypatch):
     # The interpreter does not run triton's compiler. Here every launch the host code makes
     # (PAM and CAM, forward and backward) is compiled for sm90 exactly as on a GPU: compiled-
-    # mode frontend, layouts, wgmma lowering and ptxas. No GPU needed, no register spills.
+    # mode frontend, layouts, wgmma / FMA lowering and ptxas. No GPU needed, no register spills.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32: IEEE dots
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     if IN_INTERPRETER:
         pytest.skip("this process runs Triton in the interpreter")
     try:
@@ -325,17 +332,18 @@ def test_compiled_mode_kernels_build_for_sm90_without_spills():
     from danet_ops._triton import cam, pam
 
     def run_all():
-        q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2)
-                         for t in pam_inputs(2, 64, 512, 64, 64, dtype=torch.bfloat16)]
-        o, lse, y = pam.forward(q, k, v, x, g)
-        pam.backward(y.to(torch.bfloat16), q, k, v, o, lse, g)
+        for dtype in (torch.bfloat16, torch.float32):   # fp32: the IEEE (FMA) candidates
+            q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2)
+                             for t in pam_inputs(2, 64, 512, 64, 64, dtype=dtype)]
+            o, lse, y = pam.forward(q, k, v, x, g)
+            pam.backward(y.to(dtype), q, k, v, o, lse, g)
         for dtype in (torch.bfloat16, torch.float16):   # fp16 CAM: the fp32 (dE + dE^T) path
             a = make((2, 512, 64, 64), dtype).flatten(2)
             o, attn, y = cam.forward(a, g, "original")
             cam.backward(y.to(dtype), a, attn, o, g, "original")
 
     launches = _capture_launches(run_all)
-    assert len(launches) == 4 + 2 * 7   # PAM fwd 1 + bwd 3; CAM fwd 3 + bwd 4, per dtype
+    assert len(launches) == 2 * 4 + 2 * 7   # per dtype: PAM fwd 1 + bwd 3; CAM fwd 3 + bwd 4
     seen = set()
     for fn, args, constexprs, warps, stages in launches:
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())),

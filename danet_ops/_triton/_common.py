@@ -134,29 +134,36 @@ PAM_BWD_BLOCK_CV = {"gpu": 128, "interp": 16}
 # Autotune candidates per kernel: (meta, num_warps, num_stages), for sm90 (H100/H200) and sm80
 # (A100; also used for other GPUs, pruned by their shared memory). "dims" names the size each
 # meta-parameter tiles (a tile larger than that size, rounded up to a power of two, is pruned);
-# "operand" is the argument whose element size the shared-memory estimate uses.
+# "operand" is the argument whose element size the shared-memory estimate uses. "ieee" lists the
+# candidates for fp32 operands with exact IEEE dots (TF32 not allowed): those dots run on FMA
+# units, whose operand layouts replicate tiles per thread, and the tensor-core sized tiles above
+# spill heavily there (ptxas, offline compile); these small tiles do not.
 _TABLE = {
     "pam_fwd": {
         "sm90": [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2), ((128, 128, 64), 8, 3),
                  ((64, 64, 128), 4, 3), ((64, 128, 64), 4, 4), ((128, 32, 128), 8, 4)],
         "sm80": [((128, 64, 128), 8, 2), ((128, 32, 128), 8, 3), ((64, 64, 128), 4, 3),
                  ((64, 64, 64), 4, 4), ((128, 64, 64), 4, 3)],
+        "ieee": [((32, 32, 64), 4, 2), ((32, 32, 64), 4, 3)],
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
     },
     "pam_dkdv": {
         "sm90": [((64, 128), 8, 2), ((64, 64), 8, 3), ((32, 128), 8, 3), ((32, 64), 4, 3)],
         "sm80": [((64, 64), 4, 2), ((32, 128), 8, 2), ((32, 64), 4, 3)],
+        "ieee": [((16, 32), 4, 2)],
         "names": ("BLOCK_M", "BLOCK_N"), "dims": ("N", "N"), "operand": "Q",
     },
     "pam_dq": {
         "sm90": [((128, 64, 64), 8, 2), ((64, 64, 64), 4, 3), ((128, 32, 128), 8, 2),
                  ((64, 128, 64), 8, 2)],
         "sm80": [((64, 64, 64), 4, 2), ((128, 32, 64), 8, 2), ((64, 32, 128), 4, 3)],
+        "ieee": [((32, 32, 32), 4, 2)],
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("N", "N", "CV"), "operand": "Q",
     },
     "cam_mm": {
         "sm90": [((64, 128), 4, 4), ((128, 64), 8, 3), ((64, 64), 4, 4), ((128, 128), 8, 3)],
         "sm80": [((64, 64), 4, 4), ((128, 32), 4, 4), ((128, 64), 8, 3)],
+        "ieee": [((64, 32), 4, 2), ((32, 64), 4, 3), ((128, 32), 8, 2)],
         "names": ("BLOCK_C", "BLOCK_K"), "dims": ("C", "N"), "operand": "Y",
     },
     "cam_apply": {
@@ -201,13 +208,29 @@ def _smem_estimate(name, meta, stages, args):
     return stages * k * (3 * 4 * meta["BLOCK_M"] + 2 * es * meta["BLOCK_N"])
 
 
+def candidates(name, capability):
+    """triton.Config candidates for a kernel on a device: its arch table plus, when it has one,
+    the IEEE-fp32 list (the pruner keeps exactly one of the two groups per call)."""
+    import triton
+
+    table = _TABLE[name]
+    rows = table[_arch_name(capability)] + table.get("ieee", [])
+    return [triton.Config(dict(zip(table["names"], meta)), num_warps=w, num_stages=s)
+            for meta, w, s in rows]
+
+
 def _prune(name, smem_limit):
     table = _TABLE[name]
     tiled = dict(zip(table["names"], table["dims"]))
+    n_ieee = len(table.get("ieee", []))
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        args["elt"] = named_args[table["operand"]].element_size()
+        operand = named_args[table["operand"]]
+        args["elt"] = operand.element_size()
+        if n_ieee:  # the IEEE-fp32 group for exact fp32 dots, the arch group otherwise
+            ieee = operand.dtype == torch.float32 and args.get("PREC") == "ieee"
+            configs = configs[-n_ieee:] if ieee else configs[:-n_ieee]
 
         def fits(cfg):
             for meta_name, size in cfg.kwargs.items():
@@ -238,12 +261,8 @@ def launcher(kernels_module, name, kernel_name, key, device):
     if cache_key not in _tuned:
         import triton
 
-        table = _TABLE[name]
-        names = table["names"]
-        configs = [triton.Config(dict(zip(names, meta)), num_warps=w, num_stages=s)
-                   for meta, w, s in table[_arch_name(capability)]]
         _tuned[cache_key] = triton.autotune(
-            configs=configs, key=key,
+            configs=candidates(name, capability), key=key + ["PREC"],
             prune_configs_by={"early_config_prune": _prune(name, smem)})(kernel)
     return _tuned[cache_key]
 
