@@ -1,0 +1,2 @@
+#include "emu.h"
+#include "gen/cam_kernels.cu"

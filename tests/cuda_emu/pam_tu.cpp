@@ -1,0 +1,2 @@
+#include "emu.h"
+#include "gen/pam_kernels.cu"
