@@ -21,8 +21,9 @@ import emu_api as E  # noqa: E402
 sys.path.pop(0)
 
 FULL = os.environ.get("DANET_CUDA_EMU_FULL") == "1"
-# max |err| / max(max |ref|, 0.05) per dtype: ~3x above what the emulated kernels reach
-TOL = {torch.float32: 2e-5, "tf32": 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# max |err| / max(max |ref|, 0.05) per dtype (~3 ulp of the operand type; fp32: ~80 ulp for the
+# fp32 softmax / sums): 2.5x or more above the worst error of these cases over 5 seeds.
+TOL = {torch.float32: 1e-5, "tf32": 3e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
@@ -60,6 +61,12 @@ def layout(t, kind):
     return t.contiguous()
 
 
+def rel_sum(a, b, terms):
+    """Error of a reduced scalar (dgamma = sum dy * O) relative to sum |dy * O|: the accuracy a
+    low-precision sum of these terms can have, whatever the cancellation."""
+    return abs(a.double() - b.double()).max().item() / max(terms.abs().sum().item(), 1e-30)
+
+
 def check(res, tol, what):
     bad = {k: f"{v:.2e}" for k, v in res.items() if not v < tol}
     assert not bad, f"{what}: over tolerance {tol:g}: {bad} (all: " + \
@@ -78,16 +85,16 @@ PAM_CASES = [
     (BF16, 1, 33, 9, 67, "slice", False, True),   # odd strides
     (F32, 1, 9, 17, 98, "padN", False, True),     # NaN padding past N must not leak
     (F32, 1, 72, 20, 96, "c", True, True),        # TF32 with Cq > 64
+    (F16, 1, 200, 40, 80, "c", False, True),      # Cq > 128: dQ/dK channel split
+    (F32, 1, 256, 140, 70, "c", False, True),     # fp32, Cq = 256 and Cv split
+    (F16, 1, 130, 136, 72, "c", False, False),    # both splits on the mma path
 ]
 PAM_SLOW = [
     (F32, 2, 64, 64, 64, "c", False, True),
-    (F16, 1, 200, 40, 80, "c", False, True),
-    (F32, 1, 256, 140, 70, "c", False, True),
     (BF16, 1, 130, 300, 200, "c", False, False),
     (F32, 1, 130, 65, 66, "cl", True, True),
     (F16, 1, 24, 40, 136, "c", False, True),
     (BF16, 2, 70, 130, 70, "padN", False, True),
-    (F16, 1, 130, 136, 72, "c", False, False),
 ]
 
 
@@ -115,7 +122,7 @@ def run_pam(dt, B, Cq, Cv, N, lay, tf32, residual, seed=0):
     res = dict(o=rel(o, O), lse=rel(lse, L), dq=rel(dq, qd.grad), dk=rel(dk, kd.grad),
                dv=rel(dv, vd.grad))
     if residual:
-        res.update(y=rel(y, Y), dgamma=rel(dg, gd.grad))
+        res.update(y=rel(y, Y), dgamma=rel_sum(dg, gd.grad, dy.double() * O.detach()))
     return res
 
 
@@ -139,10 +146,10 @@ CAM_CASES = [
     (F32, 1, 8, 2100, True, "c", False, False, 0.1),     # N split into 2 partial Gram sums
     (F16, 1, 1, 1, True, "c", False, True, None),        # degenerate
     (BF16, 2, 24, 70, True, "padN", False, True, None),  # NaN padding past N must not leak
+    (F16, 1, 130, 40, False, "c", False, True, None),    # C > 128: 3 x 3 tiles, ragged
 ]
 CAM_SLOW = [
     (F32, 2, 65, 3000, True, "c", False, False, None),
-    (F16, 1, 130, 40, False, "c", False, True, None),
     (F16, 1, 40, 136, False, "c", False, True, None),
     (F32, 1, 72, 98, False, "padN", True, True, None),
     (F32, 1, 66, 1100, False, "c", False, True, 0.05),
@@ -164,7 +171,7 @@ def run_cam(dt, B, C, N, paper, lay, tf32, residual, scale, seed=0):
     dx, dg = E.cam_backward(dy, x, attn, o, gamma, paper, tf32)
     res = dict(o=rel(o, O), attn=rel(attn, A), dx=rel(dx, xd.grad))
     if residual:
-        res.update(y=rel(y, Y), dgamma=rel(dg, gd.grad))
+        res.update(y=rel(y, Y), dgamma=rel_sum(dg, gd.grad, dy.double() * O.detach()))
     return res
 
 

@@ -5,6 +5,7 @@ the emulator (emu.h, ptx_emu.inc, api.cpp) and returns the path of libemu.so; lo
 The csrc/cuda sources are read from the repository each time (never stored copies).
 """
 import ctypes
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -32,11 +33,9 @@ def cuda_include_dir():
 
 
 def build(out_dir, cxx="g++", opt="-O1", extra_flags=(), jobs=2):
-    sys.path.insert(0, str(HERE))
-    try:
-        import gen
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("danet_cuda_emu_gen", HERE / "gen.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen.generate(CSRC_CUDA, out / "gen")
