@@ -3,13 +3,9 @@
 Error bound (flash-attention's rule): a backend in dtype D may be off from the float64 oracle by
 at most 2x what PyTorch's own reference computation in dtype D is off, plus a small floor.
 """
-import os
-
 import pytest
 import torch
 
-import danet_ops
-from danet_ops import reference
 
 LAYOUTS = ("contiguous", "channels_last", "channel_slice")
 
@@ -37,6 +33,32 @@ def pam_inputs(B, Cq, Cv, H, W, dtype=torch.float32, layout="contiguous", residu
     x = make((B, Cv, H, W), dtype, layout, gen)
     gamma = torch.tensor([0.7], dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     return q, k, v, x, gamma
+
+
+def cam_inputs(B, C, H, W, dtype=torch.float32, layout="contiguous", residual=True, seed=0,
+               scale=0.2, gamma=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    x = make((B, C, H, W), dtype, layout, gen, scale)
+    if not residual:
+        return [x, None]
+    return [x, torch.tensor([gamma], dtype=torch.float64 if dtype == torch.float64 else torch.float32)]
+
+
+def compiled_matches_eager(module, x, backend, tol=1e-4, param_tol=1e-3):
+    """torch.compile(module, fullgraph=True) gives eager's output and gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = module(xe)
+    ye.sum().backward()
+    ge = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    yc = compiled(xc)
+    yc.sum().backward()
+    assert max_err(yc, ye) < tol
+    assert max_err(xc.grad, xe.grad) < tol
+    for p, g in zip(module.parameters(), ge):
+        assert max_err(p.grad, g) < param_tol
 
 
 def run_with_grads(fn, inputs, grad_seed=1):

@@ -3,20 +3,10 @@ import pytest
 import torch
 
 from danet_ops import ChannelAttention, channel_attention, reference
-from conftest import LAYOUTS, compare_to_oracle, make, max_err, run_with_grads
+from conftest import LAYOUTS, cam_inputs, compare_to_oracle, max_err, run_with_grads
 
 MODES = ("original", "paper")
 NAMES = ("y", "dx", "dgamma")
-
-
-def cam_inputs(B, C, H, W, dtype=torch.float32, layout="contiguous", residual=True, seed=0,
-               scale=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    x = make((B, C, H, W), dtype, layout, gen, scale)
-    if not residual:
-        return [x, None]
-    gdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return [x, torch.tensor([0.7], dtype=gdt)]
 
 
 def _compare(inputs, mode, floor, backend="cpu"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from danet_ops import channel_attention, position_attention, reference
-from conftest import compare_to_oracle, make, max_err, pam_inputs, run_with_grads, to64
+from conftest import (cam_inputs, compare_to_oracle, make, max_err, pam_inputs, run_with_grads,
+                      to64)
 
 pytestmark = pytest.mark.gpu
 
@@ -39,15 +40,6 @@ def dev(monkeypatch):
 
 def _to(inputs, dev):
     return [None if t is None else t.to(dev) for t in inputs]
-
-
-def cam_inputs(B, C, H, W, dtype=torch.float32, layout="contiguous", residual=True, seed=0,
-               scale=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    x = make((B, C, H, W), dtype, layout, gen, scale)
-    if not residual:
-        return [x, None]
-    return [x, torch.tensor([0.7], dtype=torch.float32)]
 
 
 def _pam(inputs, dtype):

@@ -4,7 +4,7 @@ import torch
 
 import danet_ops
 from danet_ops import ChannelAttention, PositionAttention
-from conftest import max_err, pam_inputs
+from conftest import compiled_matches_eager, max_err, pam_inputs
 
 ops = torch.ops.danet_ops
 
@@ -35,23 +35,6 @@ def test_double_backward_is_refused_not_silently_wrong():
         dq.sum().backward()
 
 
-def _compiled_matches_eager(module, x, backend):
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True, backend=backend)
-    xe = x.clone().requires_grad_()
-    xc = x.clone().requires_grad_()
-    ye = module(xe)
-    ye.sum().backward()
-    ge = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    yc = compiled(xc)
-    yc.sum().backward()
-    assert max_err(yc, ye) < 1e-4
-    assert max_err(xc.grad, xe.grad) < 1e-4
-    for p, g in zip(module.parameters(), ge):
-        assert max_err(p.grad, g) < 1e-3
-
-
 def _pam_module():
     torch.manual_seed(0)
     m = PositionAttention(16, backend="cpu")
@@ -63,12 +46,12 @@ def _pam_module():
 def test_compile_fullgraph_pam_aot_eager():
     # fullgraph=True raises on any graph break; aot_eager runs AOTAutograd (fake kernels +
     # registered autograd) without the C++ code generation cost.
-    _compiled_matches_eager(_pam_module(), torch.randn(2, 16, 7, 9), "aot_eager")
+    compiled_matches_eager(_pam_module(), torch.randn(2, 16, 7, 9), "aot_eager")
 
 
 @pytest.mark.slow
 def test_compile_fullgraph_pam_inductor():
-    _compiled_matches_eager(_pam_module(), torch.randn(2, 16, 7, 9), "inductor")
+    compiled_matches_eager(_pam_module(), torch.randn(2, 16, 7, 9), "inductor")
 
 
 def test_autocast_cpu_bf16_pam():
@@ -105,7 +88,7 @@ def _cam_module(mode):
 
 @pytest.mark.parametrize("mode", ["original", "paper"])
 def test_compile_fullgraph_cam_aot_eager(mode):
-    _compiled_matches_eager(_cam_module(mode), 0.3 * torch.randn(2, 16, 7, 9), "aot_eager")
+    compiled_matches_eager(_cam_module(mode), 0.3 * torch.randn(2, 16, 7, 9), "aot_eager")
 
 
 def test_compile_fullgraph_danet_head_like_model():
@@ -119,7 +102,7 @@ def test_compile_fullgraph_danet_head_like_model():
         def forward(self, x):
             return self.pam(x) + self.cam(x)
 
-    _compiled_matches_eager(Head(), 0.3 * torch.randn(1, 16, 6, 6), "aot_eager")
+    compiled_matches_eager(Head(), 0.3 * torch.randn(1, 16, 6, 6), "aot_eager")
 
 
 def test_autocast_cpu_bf16_cam():

@@ -26,6 +26,7 @@ from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
                        position_attention, reference)
 from danet_ops import _triton
 from danet_ops._triton import _common
+import conftest
 from conftest import (assert_close_to_oracle, make, max_err, pam_inputs, run_with_grads, to64)
 
 ops = torch.ops.danet_ops
@@ -151,11 +152,8 @@ def _compare_pam(inputs, dtype, backend="triton"):
         assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
 
 
-def cam_inputs(B, C, H, W, dtype, layout="contiguous", residual=True, seed=0, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    x = make((B, C, H, W), dtype, layout, gen, scale)
-    gamma = torch.tensor([0.6]) if residual else None
-    return x, gamma
+# This file's CAM data: a little larger activations and another gamma than test_cam.py's.
+cam_inputs = functools.partial(conftest.cam_inputs, scale=0.3, gamma=0.6)
 
 
 def _compare_cam(x, gamma, mode, dtype, backend="triton"):
@@ -540,19 +538,7 @@ def test_interp_opcheck_cam(residual):
 
 
 def _compiled_matches_eager(module, x, backend):
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True, backend=backend)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ye = module(xe)
-    ye.sum().backward()
-    ge = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    yc = compiled(xc)
-    yc.sum().backward()
-    assert max_err(yc, ye) < 1e-5
-    assert max_err(xc.grad, xe.grad) < 1e-5
-    for p, g in zip(module.parameters(), ge):
-        assert max_err(p.grad, g) < 1e-4
+    conftest.compiled_matches_eager(module, x, backend, tol=1e-5, param_tol=1e-4)
 
 
 @interpreted
