@@ -14,10 +14,10 @@ from torch import nn
 
 from danet_ops import ChannelAttention, PositionAttention
 
-# name -> (blocks per stage, width of the first stage). "mini" is the CPU demo preset: the same
-# Bottleneck ResNet topology (and output stride 8) with one block per stage at a quarter width.
+# name -> (blocks per stage, width of the first stage). "mini" is the CPU demo's: the same
+# bottleneck ResNet at output stride 8 with two blocks per stage at 1/8 of the width.
 BACKBONES = {
-    "mini": ((1, 1, 1, 1), 16),
+    "mini": ((2, 2, 2, 2), 8),
     "resnet50": ((3, 4, 6, 3), 64),
     "resnet101": ((3, 4, 23, 3), 64),
     "resnet152": ((3, 8, 36, 3), 64),

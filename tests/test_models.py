@@ -68,7 +68,7 @@ def test_released_key_names_and_shapes():
     assert set(sd) == released_keys((3, 4, 6, 3), deep_stem=False, aux=False)
     for k, shape in RELEASED_HEAD.items():
         assert tuple(sd[k].shape) == shape, k
-    assert set(DANet(19, "mini", deep_stem=True, aux=True).state_dict()) == released_keys((1, 1, 1, 1), True, True)
+    assert set(DANet(19, "mini", deep_stem=True, aux=True).state_dict()) == released_keys((2, 2, 2, 2), True, True)
 
 
 def test_dilations_and_multi_grid():
@@ -175,7 +175,7 @@ def test_mmseg_converter(tmp_path):
     model = DANet(3, "mini", deep_stem=True, stem_width=8, aux=True, align_corners=False, attention_backend="reference")
     load_weights(model, str(tmp_path / "mmseg.pth"))
     model.eval()
-    x = torch.randn(2, 512, 6, 5) * 0.05
+    x = torch.randn(2, model.pretrained.out_channels[3], 6, 5) * 0.05
     with torch.no_grad():
         for ours, theirs in zip(model.head(x), mmseg_head_forward(mmseg, x)):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -20,6 +20,11 @@ def test_synthetic_is_deterministic_and_splits_differ():
     assert not torch.equal(a[0][0], SyntheticScenes(8, size=64, seed=3, split="val")[0][0])
     with pytest.raises(IndexError):
         a[8]
+    uncached = SyntheticScenes(8, size=64, seed=3, cache=False)
+    for i in (0, 0, 5):  # a cache hit returns the same tensors, labels as int64
+        img, label = a[i]
+        assert label.dtype == torch.int64
+        assert torch.equal(img, uncached[i][0]) and torch.equal(label, uncached[i][1])
 
 
 def test_synthetic_classes_are_not_told_apart_by_colour():
