@@ -312,7 +312,9 @@ def _train(cfg, device, rank, world, main):
     if main:
         print(format_table(iou, list(getattr(train_set, "classes", ())) or None))
         print(f"val pixel accuracy: {acc:.4f}")
-        print(f"val mIoU: {miou:.4f}")
+        how = f"{cfg.eval_mode} image" if cfg.eval_mode == "whole" else f"{cfg.crop_size}px windows"
+        how += ", scales " + "/".join(f"{s:g}" for s in cfg.eval_scales) + (", flip" if cfg.eval_flip else "")
+        print(f"val mIoU: {miou:.4f} ({len(val_set)} images, {how})")
     result["miou"] = miou
     return result
 
