@@ -10,28 +10,12 @@
 #include <optional>
 #include <tuple>
 
-#include "danet_cuda.cuh"
+#include "binding_utils.h"
 
 namespace danet_ops {
 namespace {
 
-using danet_cuda::DType;
-
-DType cam_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                  "; backend 'cuda' supports float32, float16 and bfloat16");
-  }
-}
-
-danet_cuda::View3 cam_view3(const at::Tensor& t, const char* op, const char* name) {
-  return danet_cuda::View3{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
-                           cam_dtype(t, op, name)};
-}
+using namespace cuda_binding;
 
 bool cam_paper(c10::string_view mode, const char* op) {
   TORCH_CHECK(mode == "original" || mode == "paper", op,
@@ -45,25 +29,6 @@ void cam_check_input(const at::Tensor& t, const at::Tensor& x, const char* op, c
               x.device());
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(),
               "; got ", t.sizes());
-}
-
-at::Tensor cam_gamma_f32(const at::Tensor& gamma, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(gamma.numel() == 1, op, ": gamma must have one element; got shape ", gamma.sizes());
-  TORCH_CHECK(gamma.device() == x.device(), op, ": gamma is on ", gamma.device(),
-              " but x is on ", x.device());
-  return gamma.reshape({1}).to(at::kFloat).contiguous();
-}
-
-void cam_check_launch(cudaError_t e, const char* op) {
-  if (e == cudaErrorNoKernelImageForDevice)
-    TORCH_CHECK(false, op, ": the danet_ops CUDA kernels need an sm_80+ GPU (Ampere or newer) "
-                "and a build that targets it; use backend='triton' or 'reference' here");
-  if (e == cudaErrorInvalidConfiguration)
-    TORCH_CHECK(false, op, ": launch configuration rejected by this GPU (the float32 kernels "
-                "use up to 137 KB of shared memory per block, which sm_86/sm_89 GPUs do not "
-                "offer); use float16/bfloat16, or backend='triton' or 'reference' here");
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), " (",
-              cudaGetErrorString(e), ")");
 }
 
 void cam_check_x(const at::Tensor& x, const char* op) {
@@ -87,30 +52,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_forward_cuda(
   p.C = C;
   p.N = N;
   p.paper = paper;
-  p.dtype = cam_dtype(x, op, "x");
+  p.dtype = kernel_dtype(x, op, "x");
   at::Tensor o = at::empty({B, C, N}, x.options());
   at::Tensor attn = at::empty({B, C, C}, x.options().dtype(at::kFloat));
   at::Tensor y, g;
   if (gamma.has_value()) {
-    g = cam_gamma_f32(*gamma, x, op);
+    g = gamma_f32(*gamma, x, op, "x is");
     // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
     y = at::empty({B, C, N}, x.options().dtype(at::promote_types(x.scalar_type(),
                                                                  gamma->scalar_type())));
     p.gamma = g.data_ptr<float>();
     p.y = y.data_ptr();
-    p.y_dtype = cam_dtype(y, op, "y = gamma*O + x");
+    p.y_dtype = kernel_dtype(y, op, "y = gamma*O + x");
   } else {
     y = at::empty({0}, x.options());
   }
   if (B == 0) return {o, attn, y};
-  p.x = cam_view3(x, op, "x");
+  p.x = view3(x, op, "x");
   p.o = o.data_ptr();
   p.attn = attn.data_ptr<float>();
-  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  p.allow_tf32 = allow_tf32();
   at::Tensor ws = at::empty({(int64_t)danet_cuda::cam_forward_workspace_bytes(p)},
                             x.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
-  cam_check_launch(danet_cuda::cam_forward(p, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(danet_cuda::cam_forward(p, c10::cuda::getCurrentCUDAStream()), op);
   return {o, attn, y};
 }
 
@@ -139,27 +104,27 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cuda(const at::Tensor& dy, const
   p.C = C;
   p.N = N;
   p.paper = paper;
-  p.dtype = cam_dtype(x, op, "x");
+  p.dtype = kernel_dtype(x, op, "x");
   // dy arrives in y's dtype (fp32 when gamma is fp32 and x is fp16/bf16); the matmuls need x's.
   const at::Tensor dy_mma = dy.scalar_type() == x.scalar_type() ? dy : dy.to(x.scalar_type());
   const at::Tensor attn_f = attn.to(at::kFloat).contiguous();
   at::Tensor g;
   if (gamma.has_value()) {
-    g = cam_gamma_f32(*gamma, x, op);
+    g = gamma_f32(*gamma, x, op, "x is");
     p.gamma = g.data_ptr<float>();
     p.dgamma = dgamma.data_ptr<float>();
   }
-  p.dy = cam_view3(dy, op, "dy");
-  p.dy_mma = cam_view3(dy_mma, op, "dy");
-  p.x = cam_view3(x, op, "x");
-  p.o = cam_view3(o, op, "o");
+  p.dy = view3(dy, op, "dy");
+  p.dy_mma = view3(dy_mma, op, "dy");
+  p.x = view3(x, op, "x");
+  p.o = view3(o, op, "o");
   p.attn = attn_f.data_ptr<float>();
   p.dx = dx.data_ptr();
-  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  p.allow_tf32 = allow_tf32();
   at::Tensor ws = at::empty({(int64_t)danet_cuda::cam_backward_workspace_bytes(p)},
                             x.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
-  cam_check_launch(danet_cuda::cam_backward(p, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(danet_cuda::cam_backward(p, c10::cuda::getCurrentCUDAStream()), op);
   return {dx, dgamma};
 }
 

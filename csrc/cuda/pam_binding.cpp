@@ -9,28 +9,12 @@
 #include <optional>
 #include <tuple>
 
-#include "danet_cuda.cuh"
+#include "binding_utils.h"
 
 namespace danet_ops {
 namespace {
 
-using danet_cuda::DType;
-
-DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                  "; backend 'cuda' supports float32, float16 and bfloat16");
-  }
-}
-
-danet_cuda::View3 view3(const at::Tensor& t, const char* op, const char* name) {
-  return danet_cuda::View3{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
-                           kernel_dtype(t, op, name)};
-}
+using namespace cuda_binding;
 
 void check_cuda_3d(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor; got device ", t.device());
@@ -38,28 +22,6 @@ void check_cuda_3d(const at::Tensor& t, const at::Tensor& like, const char* op, 
               like.device());
   TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [B, C, N]; got shape ", t.sizes());
 }
-
-// gamma as a [1] fp32 device tensor (it may arrive in the module's dtype).
-at::Tensor gamma_f32(const at::Tensor& gamma, const at::Tensor& like, const char* op) {
-  TORCH_CHECK(gamma.numel() == 1, op, ": gamma must have one element; got shape ", gamma.sizes());
-  TORCH_CHECK(gamma.device() == like.device(), op, ": gamma is on ", gamma.device(),
-              " but the inputs are on ", like.device());
-  return gamma.reshape({1}).to(at::kFloat).contiguous();
-}
-
-void check_launch(cudaError_t e, const char* op) {
-  if (e == cudaErrorNoKernelImageForDevice)
-    TORCH_CHECK(false, op, ": the danet_ops CUDA kernels need an sm_80+ GPU (Ampere or newer) "
-                "and a build that targets it; use backend='triton' or 'reference' here");
-  if (e == cudaErrorInvalidConfiguration)
-    TORCH_CHECK(false, op, ": launch configuration rejected by this GPU (the float32 kernels "
-                "use up to 137 KB of shared memory per block, which sm_86/sm_89 GPUs do not "
-                "offer); use float16/bfloat16, or backend='triton' or 'reference' here");
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), " (",
-              cudaGetErrorString(e), ")");
-}
-
-bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -96,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
     check_cuda_3d(*x, q, op, "x");
     TORCH_CHECK(x->sizes() == v.sizes(), op, ": x must have v's shape ", v.sizes(), "; got ",
                 x->sizes());
-    g = gamma_f32(*gamma, q, op);
+    g = gamma_f32(*gamma, q, op, "the inputs are");
     // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
     const auto yt = at::promote_types(at::promote_types(v.scalar_type(), x->scalar_type()),
                                       gamma->scalar_type());
@@ -162,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cuda(
   const at::Tensor lse_f = lse.to(at::kFloat).contiguous();
   at::Tensor g;
   if (gamma.has_value()) {
-    g = gamma_f32(*gamma, q, op);
+    g = gamma_f32(*gamma, q, op, "the inputs are");
     p.gamma = g.data_ptr<float>();
     p.dgamma = dgamma.data_ptr<float>();
   }
