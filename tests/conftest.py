@@ -3,6 +3,8 @@
 Error bound (flash-attention's rule): a backend in dtype D may be off from the float64 oracle by
 at most 2x what PyTorch's own reference computation in dtype D is off, plus a small floor.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -112,6 +114,30 @@ def compare_to_oracle(fn, oracle_fn, inputs, names, floor):
         assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
         assert_close_to_oracle(name, g, o, lp, floor)
     return got, grads
+
+
+@contextlib.contextmanager
+def tf32(allow):
+    """Set torch's fp32-matmul TF32 policy (both switches the kernels read) and restore it after.
+
+    Not monkeypatch.setattr: torch.backends.cuda.matmul.allow_tf32 is served by the module's
+    __getattr__, so monkeypatch cannot undo it (pytest >= 9.2 raises at teardown).
+    """
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.set_float32_matmul_precision("high" if allow else "highest")
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev[1])
+        torch.backends.cuda.matmul.allow_tf32 = prev[0]
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons at IEEE precision for the whole test."""
+    with tf32(False):
+        yield
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 from danet_ops import channel_attention, position_attention, reference
 from conftest import (cam_inputs, compare_to_oracle, make, max_err, pam_inputs, run_with_grads,
-                      to64)
+                      tf32, to64)
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,7 @@ ops = torch.ops.danet_ops
 
 
 @pytest.fixture
-def dev(monkeypatch):
+def dev(no_tf32):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from danet_ops import _backends
@@ -33,8 +33,7 @@ def dev(monkeypatch):
         if os.environ.get("DANET_OPS_REQUIRE_CUDA") == "1":
             pytest.fail(f"backend 'cuda' unavailable on a GPU machine: {why}")
         pytest.skip(f"backend 'cuda' unavailable: {why}")
-    # fp32 comparisons are exact-precision unless a test turns TF32 on itself.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # fp32 comparisons are exact-precision (no_tf32) unless a test turns TF32 on itself.
     return torch.device("cuda")
 
 
@@ -174,12 +173,12 @@ def test_cam_fp16_energy_beyond_fp16_range(dev):
 
 
 # ----------------------------------------------------------------------------- both
-def test_tf32_only_when_allowed(dev, monkeypatch):
+def test_tf32_only_when_allowed(dev):
     inputs = _to(pam_inputs(1, 64, 128, 32, 32, dtype=torch.float32, residual=False), dev)
     oracle = reference.position_attention(*to64(inputs[:3]))
     err_ieee = max_err(position_attention(*inputs[:3], backend="cuda"), oracle)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    err_tf32 = max_err(position_attention(*inputs[:3], backend="cuda"), oracle)
+    with tf32(True):
+        err_tf32 = max_err(position_attention(*inputs[:3], backend="cuda"), oracle)
     assert err_ieee < 1e-5 < err_tf32 < 1e-2
 
 

@@ -27,7 +27,8 @@ from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
 from danet_ops import _triton
 from danet_ops._triton import _common
 import conftest
-from conftest import (assert_close_to_oracle, make, max_err, pam_inputs, run_with_grads, to64)
+from conftest import (assert_close_to_oracle, make, max_err, pam_inputs, run_with_grads, tf32,
+                      to64)
 
 ops = torch.ops.danet_ops
 IN_INTERPRETER = _triton.interpreting()
@@ -314,12 +315,11 @@ def _compile_offline(fn, args, constexprs, warps, stages, capability):
 
 
 @pytest.mark.slow
-def test_compiled_mode_kernels_build_for_sm90_without_spills(monkeypatch):
+def test_compiled_mode_kernels_build_for_sm90_without_spills(no_tf32):
     # The interpreter does not run triton's compiler. Here every launch the host code makes
     # (PAM and CAM, forward and backward) is compiled for sm90 exactly as on a GPU: compiled-
     # mode frontend, layouts, wgmma / FMA lowering and ptxas. No GPU needed, no register spills.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32: IEEE dots
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    # no_tf32: fp32 launches compile their IEEE dots.
     if IN_INTERPRETER:
         pytest.skip("this process runs Triton in the interpreter")
     try:
@@ -578,9 +578,8 @@ def _cuda(inputs, dev):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 64, 512, 32, 32), (1, 8, 24, 37, 29), (1, 256, 64, 16, 16),
                                    (1, 16, 4096, 8, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_cuda_pam_matches_oracle(dtype, shape, monkeypatch):
+def test_cuda_pam_matches_oracle(dtype, shape, no_tf32):
     dev = needs_cuda()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _compare_pam(_cuda(pam_inputs(*shape, dtype=dtype), dev), dtype)
 
 
@@ -626,14 +625,10 @@ def test_cuda_tf32_policy_is_honoured():
     dev = needs_cuda()
     inputs = _cuda(pam_inputs(1, 64, 128, 32, 32, dtype=torch.float32, residual=False), dev)
     oracle = reference.position_attention(*to64(inputs[:3]))
-    prev = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    with tf32(False):
         err_ieee = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with tf32(True):
         err_tf32 = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     assert err_ieee < 1e-5 < err_tf32
 
 
