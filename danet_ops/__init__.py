@@ -10,6 +10,7 @@ from .modules import ChannelAttention, PositionAttention
 # is JIT-compiled lazily, on the first call that needs it.
 if _compiled.prebuilt_present():
     _compiled.load()
+_compiled._register_export()  # ONNX lowering of the ops (danet_ops/_export.py)
 
 __all__ = [
     "PositionAttention", "ChannelAttention", "position_attention", "channel_attention",

@@ -72,10 +72,20 @@ def load():
                 raise RuntimeError("danet_ops._C was not built and DANET_OPS_JIT=0 forbids the JIT build")
             _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward")
             _meta.register_cam("danet_ops::cam_forward", "danet_ops::cam_backward")
+            _register_export()
             _state.update(loaded=True, how=how)
         except Exception as exc:  # kept and reported by the backend chooser
             _state["error"] = f"{type(exc).__name__}: {exc}"
     return _state["loaded"]
+
+
+def _register_export():
+    # ONNX lowering of the ops just registered (danet_ops/_export.py); optional, never fatal here.
+    try:
+        from . import _export
+        _export.register()
+    except Exception:
+        pass
 
 
 def has_kernel(op, device_type):
