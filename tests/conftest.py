@@ -4,6 +4,7 @@ Error bound (flash-attention's rule): a backend in dtype D may be off from the f
 at most 2x what PyTorch's own reference computation in dtype D is off, plus a small floor.
 """
 import contextlib
+import os
 
 import pytest
 import torch
@@ -11,12 +12,31 @@ import torch
 
 LAYOUTS = ("contiguous", "channels_last", "channel_slice")
 
+# The floor of the error bound, relative to max(|oracle|, 1): what one rounding of a result to the
+# dtype costs (unit roundoff u = eps/2), times a small factor for the few roundings a fused kernel
+# does that the reference does in another order. It only matters where the reference itself is
+# (nearly) exact; everywhere else the bound is 2x the reference's own error in that dtype.
+FLOOR = {
+    torch.float64: 1e-10,   # ~1e6 u: N-long fp64 sums in another order (any N the tests use)
+    torch.float32: 1e-5,    # ~170 u: N-long fp32 sums in another blocking (N <= 1e4 here)
+    torch.float16: 1e-3,    # 2 u (u = 2^-11): the result and one intermediate rounded to fp16
+    torch.bfloat16: 8e-3,   # 2 u (u = 2^-8): the result and one intermediate rounded to bf16
+}
+# DANET_OPS_TEST_GPU_ON_CPU=1: the @pytest.mark.gpu tests run their logic on CPU tensors with
+# shrunk shapes (test_triton.py: under TRITON_INTERPRET=1; test_cuda.py: through the CUDA kernel
+# emulator of tests/cuda_emu). What that proves and what it cannot: docs/triton.md.
+GPU_ON_CPU = os.environ.get("DANET_OPS_TEST_GPU_ON_CPU") == "1"
 
-def make(shape, dtype, layout="contiguous", gen=None, scale=1.0):
-    """A [B, C, H, W] tensor in the requested memory layout (values from `gen`)."""
+
+def make(shape, dtype, layout="contiguous", gen=None, scale=1.0, device=None):
+    """A [B, C, H, W] tensor in the requested memory layout (values from `gen`) on `device`.
+
+    The layout is made on the device itself: `.to(device)` of a channel slice would give a
+    contiguous copy and silently drop the layout under test."""
     B, C, H, W = shape
     extra = 3 if layout == "channel_slice" else 0
-    t = (torch.randn(B, C + extra, H, W, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(B, C + extra, H, W, generator=gen, dtype=torch.float64) * scale).to(
+        device=device, dtype=dtype)
     if layout == "channel_slice":  # a view into a wider conv output: non-contiguous along C
         t = t[:, 2:2 + C]
     if layout == "channels_last":
@@ -25,25 +45,34 @@ def make(shape, dtype, layout="contiguous", gen=None, scale=1.0):
 
 
 def pam_inputs(B, Cq, Cv, H, W, dtype=torch.float32, layout="contiguous", residual=True,
-               seed=0, qk_scale=0.5):
+               seed=0, qk_scale=0.5, device=None):
     gen = torch.Generator().manual_seed(seed)
-    q = make((B, Cq, H, W), dtype, layout, gen, qk_scale)
-    k = make((B, Cq, H, W), dtype, layout, gen, qk_scale)
-    v = make((B, Cv, H, W), dtype, layout, gen)
+    q = make((B, Cq, H, W), dtype, layout, gen, qk_scale, device)
+    k = make((B, Cq, H, W), dtype, layout, gen, qk_scale, device)
+    v = make((B, Cv, H, W), dtype, layout, gen, 1.0, device)
     if not residual:
         return q, k, v, None, None
-    x = make((B, Cv, H, W), dtype, layout, gen)
-    gamma = torch.tensor([0.7], dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    x = make((B, Cv, H, W), dtype, layout, gen, 1.0, device)
+    gamma = torch.tensor([0.7], dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
+                         device=device)
     return q, k, v, x, gamma
 
 
 def cam_inputs(B, C, H, W, dtype=torch.float32, layout="contiguous", residual=True, seed=0,
-               scale=0.2, gamma=0.7):
+               scale=0.2, gamma=0.7, device=None):
     gen = torch.Generator().manual_seed(seed)
-    x = make((B, C, H, W), dtype, layout, gen, scale)
+    x = make((B, C, H, W), dtype, layout, gen, scale, device)
     if not residual:
         return [x, None]
-    return [x, torch.tensor([gamma], dtype=torch.float64 if dtype == torch.float64 else torch.float32)]
+    return [x, torch.tensor([gamma], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                            device=device)]
+
+
+def lowp_bound(got_fn, ref_fn, inputs, oracle):
+    """max error of got_fn(*inputs) vs oracle, and the policy's bound: 2x the reference's own
+    error on the same (low-precision or mixed) inputs."""
+    got, ref = got_fn(*inputs), ref_fn(*inputs)
+    return max_err(got, oracle), 2.0 * max_err(ref, oracle)
 
 
 def compiled_matches_eager(module, x, backend, tol=1e-4, param_tol=1e-3):
@@ -68,7 +97,7 @@ def run_with_grads(fn, inputs, grad_seed=1):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
-                    dtype=torch.float64).to(out.dtype)
+                    dtype=torch.float64).to(device=out.device, dtype=out.dtype)  # CPU generator
     out.backward(w)
     return out.detach(), [None if t is None else t.grad for t in leaves]
 

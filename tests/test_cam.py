@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from danet_ops import ChannelAttention, channel_attention, reference
-from conftest import LAYOUTS, cam_inputs, compare_to_oracle, max_err, run_with_grads
+from conftest import FLOOR, LAYOUTS, cam_inputs, compare_to_oracle, max_err, run_with_grads
 
 MODES = ("original", "paper")
 NAMES = ("y", "dx", "dgamma")
@@ -22,7 +22,7 @@ SHAPES = [(2, 5, 13, 1), (1, 64, 20, 20), (2, 130, 9, 7), (1, 1, 4, 4), (3, 7, 9
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cpu_matches_oracle(mode, shape, dtype):
-    _compare(cam_inputs(*shape, dtype=dtype), mode, 1e-10 if dtype == torch.float64 else 1e-5)
+    _compare(cam_inputs(*shape, dtype=dtype), mode, FLOOR[dtype])
 
 
 @pytest.mark.parametrize("C", [1, 2, 63, 64, 65, 257, 2048])
@@ -69,7 +69,17 @@ def test_dgamma_exact_at_zero_gamma(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_half_inputs_computed_in_fp32(mode):
     for dtype in (torch.float16, torch.bfloat16):
-        _compare(cam_inputs(2, 16, 9, 9, dtype=dtype), mode, 1e-3)
+        _compare(cam_inputs(2, 16, 9, 9, dtype=dtype), mode, FLOOR[dtype])
+
+
+def _cam_fp32_gram(x, g, mode, chunks):
+    """The reference CAM in fp32, its Gram summed over `chunks` N-chunks (another fp32 order)."""
+    a = x.float().flatten(2)
+    energy = sum(torch.bmm(c, c.transpose(1, 2)) for c in a.chunk(chunks, dim=2))
+    if mode == "original":
+        energy = energy.max(-1, keepdim=True)[0].expand_as(energy) - energy
+    out = torch.bmm(torch.softmax(energy, dim=-1), a).view_as(x)
+    return g * out + x.float()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -84,8 +94,14 @@ def test_fp16_gram_overflow_stays_finite(mode):
     oracle = reference.channel_attention(x.double(), g.double(), mode)
     ours = channel_attention(x, g, mode=mode, backend="cpu")
     assert torch.isfinite(ours).all()
-    rel = max_err(ours, oracle) / oracle.abs().max().item()
-    assert rel < 1e-3, f"relative error {rel:.2e}"
+    # The fp16 reference gives NaN here, so the bound is 2x the fp32 reference's own error on the
+    # same (fp16-valued) inputs: E ~ 1.5e5 summed in fp32 carries ~1e-2 absolute error before the
+    # softmax, in a summation order that differs between BLAS builds, CPUs and thread counts. The
+    # fp32 reference's error is taken as the larger of two summation orders of its Gram (one bmm
+    # over N; four N-chunks added), so that the bound does not hinge on one order's luck.
+    err32 = max(max_err(_cam_fp32_gram(x, g, mode, chunks), oracle) for chunks in (1, 4))
+    err = max_err(ours, oracle)
+    assert err <= 2.0 * err32, f"error {err:.2e} > 2x the fp32 reference's {err32:.2e}"
     try:   # the naive fp16 computation, side by side
         naive = reference.channel_attention(x, g.half(), mode)
     except RuntimeError as exc:  # fp16 bmm not implemented on this device/build
