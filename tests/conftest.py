@@ -58,6 +58,19 @@ def pam_inputs(B, Cq, Cv, H, W, dtype=torch.float32, layout="contiguous", residu
     return q, k, v, x, gamma
 
 
+def pam_minus_inf_inputs(dtype=torch.float32, whole_row=False):
+    """q, k, v [1, C, 300] where every query's first 256 keys (a whole first key block of every
+    backend, and more) have logit -inf: s = 1*(-inf) + 1*finite. The online softmax must give
+    them weight 0 (not -inf - -inf = NaN). whole_row: all 300 keys -inf (0/0 = NaN, as the
+    reference)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.ones(1, 2, 300, dtype=dtype)
+    k = torch.randn(1, 2, 300, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(1, 3, 300, generator=gen, dtype=torch.float64).to(dtype)
+    k[:, 0, :300 if whole_row else 256] = float("-inf")
+    return q, k, v
+
+
 def cam_inputs(B, C, H, W, dtype=torch.float32, layout="contiguous", residual=True, seed=0,
                scale=0.2, gamma=0.7, device=None):
     gen = torch.Generator().manual_seed(seed)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import emu_api as E  # noqa: E402
 
 sys.path.pop(0)
+from conftest import pam_minus_inf_inputs  # noqa: E402
 
 FULL = os.environ.get("DANET_CUDA_EMU_FULL") == "1"
 # max |err| / max(max |ref|, 0.05) per dtype (~3 ulp of the operand type; fp32: ~80 ulp for the
@@ -124,6 +125,16 @@ def run_pam(dt, B, Cq, Cv, N, lay, tf32, residual, seed=0):
     if residual:
         res.update(y=rel(y, Y), dgamma=rel_sum(dg, gd.grad, dy.double() * O.detach()))
     return res
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_pam_minus_inf_first_key_blocks_get_weight_zero(emu, tf32):
+    # Every query's first 256 keys (four whole 64-key tiles) have logit -inf: weight 0, not NaN.
+    q, k, v = pam_minus_inf_inputs()
+    o, lse, _ = E.pam_forward(q, k, v, None, None, tf32=tf32)
+    O, L, _ = E.ref_pam(q.double(), k.double(), v.double(), None, None)
+    assert o.isfinite().all() and lse.isfinite().all()
+    check(dict(o=rel(o, O), lse=rel(lse, L)), TOL["tf32" if tf32 else F32], "PAM -inf blocks")
 
 
 @pytest.mark.parametrize("case", PAM_CASES + (PAM_SLOW if FULL else []), ids=_id)

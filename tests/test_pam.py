@@ -5,7 +5,7 @@ import torch
 import danet_ops
 from danet_ops import PositionAttention, position_attention, reference
 from conftest import (FLOOR, LAYOUTS, compare_to_oracle, lowp_bound, max_err, pam_inputs,
-                      run_with_grads, to64)
+                      pam_minus_inf_inputs, run_with_grads, to64)
 
 NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 
@@ -123,6 +123,18 @@ def test_nan_propagates_like_reference():
     assert torch.equal(out.isnan(), ref.isnan())
     assert out.isnan().any() and not out.isnan().all()
     assert max_err(torch.nan_to_num(out), torch.nan_to_num(ref)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_minus_inf_first_key_block_gets_weight_zero(backend):
+    q, k, v = pam_minus_inf_inputs()
+    oracle = reference.position_attention(*to64([q, k, v]))
+    out = position_attention(q, k, v, backend=backend)
+    assert oracle.isfinite().all() and out.isfinite().all()
+    assert max_err(out, oracle) <= FLOOR[torch.float32] * oracle.abs().max().item()
+    # Every logit -inf: 0/0 in the reference, NaN here too.
+    q, k, v = pam_minus_inf_inputs(whole_row=True)
+    assert position_attention(q, k, v, backend=backend).isnan().all()
 
 
 def test_large_logits_stay_finite():

@@ -403,6 +403,17 @@ def test_interp_pam_without_residual_and_gamma_zero():
 
 
 @interpreted
+def test_interp_pam_minus_inf_first_key_blocks_get_weight_zero():
+    q, k, v = conftest.pam_minus_inf_inputs()
+    oracle = reference.position_attention(*to64([q, k, v]))
+    out = position_attention(q, k, v, backend="triton")
+    assert out.isfinite().all()
+    assert max_err(out, oracle) <= 1e-5 * oracle.abs().max().item()   # fp32 floor
+    q, k, v = conftest.pam_minus_inf_inputs(whole_row=True)            # 0/0, as the reference
+    assert position_attention(q, k, v, backend="triton").isnan().all()
+
+
+@interpreted
 def test_interp_pam_mixed_dtypes_from_autocast():
     # autocast gives fp16 q, k, v with fp32 x and gamma: y is fp32, dy reaches the op as fp32.
     q, k, v, _, _ = pam_inputs(1, 4, 20, 5, 5, dtype=torch.float16)

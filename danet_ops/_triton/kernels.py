@@ -81,8 +81,11 @@ def pam_fwd_kernel(
         s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, F32_DOT)
         z = tl.where(n_mask[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        p = tl.exp2(z - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # A row that has seen only -inf logits so far (a whole key block of them) subtracts 0,
+        # not -inf: exp2(-inf - -inf) would be NaN, and its weights must be 0 as in softmax.
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(z - base[:, None])
+        alpha = tl.exp2(m_i - base)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs, mask=n_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, F32_DOT)
@@ -384,7 +387,8 @@ def cam_softmax_kernel(P, A, C, S, s_ps, s_pb, s_pi, s_ab, s_ai,
                        BLOCK_R, BLOCK_J)
         z = tl.where(j_mask[None, :], sign * e * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)   # only -inf so far: weights 0
+        l_i = l_i * tl.exp2(m_i - base) + tl.sum(tl.exp2(z - base[:, None]), 1)
         m_i = m_new
     for j0 in range(0, C, BLOCK_J):
         j_mask = (j0 + offs_j) < C
