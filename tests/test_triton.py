@@ -578,76 +578,118 @@ def test_interp_compile_fullgraph_inductor():
 
 
 # ============================================================================ CUDA (compiled kernels)
+# With DANET_OPS_TEST_GPU_ON_CPU=1 (conftest.GPU_ON_CPU) these tests run as @interpreted tests
+# instead: CPU tensors under TRITON_INTERPRET=1, each shape shrunk by _gpu_shape. That runs every
+# line of their logic (argument building, op contracts, comparisons) here; what only a GPU can
+# show (compiled kernels, autotuning, TF32 rounding, speed) still waits for one.
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+gpu_test = interpreted if conftest.GPU_ON_CPU else (lambda fn: fn)
 
 
-def _cuda(inputs, dev):
-    return [None if t is None else t.to(dev) for t in inputs]
+def _gpu_device():
+    if conftest.GPU_ON_CPU:
+        if not IN_INTERPRETER:
+            pytest.skip("DANET_OPS_TEST_GPU_ON_CPU=1 runs this test in the TRITON_INTERPRET=1 child")
+        return torch.device("cpu")
+    return needs_cuda()
+
+
+def _gpu_shape(*shape):
+    """The test's GPU shape, or in GPU-on-CPU mode one the interpreter runs in seconds: B and Cq
+    kept, at most 40 value (PAM) or attention (CAM) channels (three interpreter blocks of 16,
+    the last ragged), H x W at most 5 x 7 (N = 35: ragged query and key blocks)."""
+    if not conftest.GPU_ON_CPU:
+        return shape
+    *lead, c, H, W = shape
+    return (*lead, min(c, 40), min(H, 5), min(W, 7))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 64, 512, 32, 32), (1, 8, 24, 37, 29), (1, 256, 64, 16, 16),
                                    (1, 16, 4096, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+@gpu_test
 def test_cuda_pam_matches_oracle(dtype, shape, no_tf32):
-    dev = needs_cuda()
-    _compare_pam(_cuda(pam_inputs(*shape, dtype=dtype), dev), dtype)
+    dev = _gpu_device()
+    _compare_pam(pam_inputs(*_gpu_shape(*shape), dtype=dtype, device=dev), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["original", "paper"])
+@gpu_test
 def test_cuda_cam_matches_oracle(dtype, mode):
-    dev = needs_cuda()
+    dev = _gpu_device()
     for shape in [(2, 512, 32, 32), (1, 37, 29, 31)]:
-        x, g = cam_inputs(*shape, dtype=dtype, scale=0.05)
-        _compare_cam(x.to(dev), g.to(dev), mode, dtype)
+        x, g = cam_inputs(*_gpu_shape(*shape), dtype=dtype, scale=0.05, device=dev)
+        _compare_cam(x, g, mode, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
+@gpu_test
 def test_cuda_layouts(layout):
-    dev = needs_cuda()
-    inputs = _cuda(pam_inputs(2, 16, 64, 24, 20, dtype=torch.float16, layout=layout), dev)
+    dev = _gpu_device()
+    # device=dev: the layout is made on the device (.to(dev) would make a channel slice contiguous)
+    inputs = pam_inputs(*_gpu_shape(2, 16, 64, 24, 20), dtype=torch.float16, layout=layout, device=dev)
+    assert not inputs[0].is_contiguous()
     _compare_pam(inputs, torch.float16)
-    x, g = cam_inputs(2, 64, 24, 20, dtype=torch.float16, layout=layout, scale=0.1)
-    _compare_cam(x.to(dev), g.to(dev), "original", torch.float16)
+    x, g = cam_inputs(*_gpu_shape(2, 64, 24, 20), dtype=torch.float16, layout=layout, scale=0.1,
+                      device=dev)
+    assert not x.is_contiguous()
+    _compare_cam(x, g, "original", torch.float16)
 
 
 @pytest.mark.gpu
+@gpu_test
 def test_cuda_deterministic():
     # No atomics: the same call gives bitwise the same results (autotuning done on the first).
-    dev = needs_cuda()
-    q, k, v, x, g = _cuda(pam_inputs(2, 64, 256, 48, 48, dtype=torch.bfloat16), dev)
+    # The ops take [B, C, N] (flatten(2) is what position_attention hands them).
+    dev = _gpu_device()
+    q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2) for t in
+                     pam_inputs(*_gpu_shape(2, 64, 256, 48, 48), dtype=torch.bfloat16, device=dev)]
     dy = torch.randn_like(v)
-    xc = make((2, 256, 48, 48), torch.bfloat16).to(dev).flatten(2)
+    xc = make(_gpu_shape(2, 256, 48, 48), torch.bfloat16, device=dev).flatten(2)
+    dyc = torch.randn_like(xc)
     runs = []
     for _ in range(3):
         o, lse, y = ops.pam_forward_triton(q, k, v, x, g)
-        run = (o, lse, y) + ops.pam_backward_triton(dy, q, k, v, o, lse, g)
+        run = (o, lse, y) + tuple(ops.pam_backward_triton(dy, q, k, v, o, lse, g))
         o, attn, y = ops.cam_forward_triton(xc, g, "original")
-        runs.append(run + (o, attn, y) + ops.cam_backward_triton(dy, xc, attn, o, g, "original"))
+        runs.append(run + (o, attn, y) + tuple(ops.cam_backward_triton(dyc, xc, attn, o, g, "original")))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 @pytest.mark.gpu
+@gpu_test
 def test_cuda_tf32_policy_is_honoured():
-    dev = needs_cuda()
-    inputs = _cuda(pam_inputs(1, 64, 128, 32, 32, dtype=torch.float32, residual=False), dev)
+    dev = _gpu_device()
+    inputs = pam_inputs(*_gpu_shape(1, 64, 128, 32, 32), dtype=torch.float32, residual=False,
+                        device=dev)
     oracle = reference.position_attention(*to64(inputs[:3]))
     with tf32(False):
         err_ieee = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
     with tf32(True):
         err_tf32 = max_err(position_attention(*inputs[:3], backend="triton"), oracle)
+    if conftest.GPU_ON_CPU:  # the interpreter's dots are numpy fp32 whatever the precision flag
+        assert err_ieee < 1e-5 and err_tf32 < 1e-5
+        return
     assert err_ieee < 1e-5 < err_tf32
 
 
 @pytest.mark.gpu
+@gpu_test
 def test_cuda_compile_inductor():
-    dev = needs_cuda()
+    dev = _gpu_device()
     torch.manual_seed(0)
-    pam = PositionAttention(64, backend="triton").to(dev)
+    # GPU-on-CPU: aot_eager (the same graph capture, without Inductor's minute of C++ builds);
+    # the inductor path on CPU is test_interp_compile_fullgraph_inductor.
+    backend = "aot_eager" if conftest.GPU_ON_CPU else "inductor"
+    C = 16 if conftest.GPU_ON_CPU else 64
+    pam = PositionAttention(C, backend="triton").to(dev)
     with torch.no_grad():
         pam.gamma.fill_(0.5)
-    _compiled_matches_eager(pam, torch.randn(2, 64, 16, 16, device=dev), "inductor")
+    # cuDNN's TF32 convolutions could differ between eager and compiled at 1e-3: both in fp32
+    with tf32(False), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        _compiled_matches_eager(pam, torch.randn(*_gpu_shape(2, C, 16, 16), device=dev), backend)
