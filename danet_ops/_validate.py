@@ -1,4 +1,6 @@
 """Input checks of SPEC §5, run before any kernel: each error names the argument and what was seen."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,20 +42,45 @@ def as_gamma(gamma, like):
     return gamma.reshape(1)
 
 
-def check_pam(q, k, v, x, gamma):
-    """Validate position_attention's arguments; returns (B, Cq, Cv, N)."""
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_scale(scale):
+    """scale must be a finite real number (E = scale * q^T k)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.requires_grad:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a real number (E = scale * q^T k); got "
+                        f"{type(scale).__name__} {scale!r} (pass backend= by keyword)")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return float(scale)
+
+
+def check_pam(q, k, v, x, gamma, scale=1.0):
+    """Validate position_attention's arguments; returns (B, Cq, Cv, Nq, Nk).
+
+    q: [B, Cq, Hq, Wq] or [B, Cq, Nq]; k: [B, Cq, Hk, Wk] or [B, Cq, Nk]; v: k's spatial shape
+    with Cv channels; x (when given): the output's shape [B, Cv, *q's spatial shape].
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t)
         _rank(name, t)
+    check_scale(scale)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"q, k, v must have the same rank; got {shapes}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, Cq, ...]; got {shapes}")
-    if v.shape[0] != q.shape[0]:
-        raise ValueError(f"batch size B differs between q and v; got {shapes}")
-    if v.shape[2:] != q.shape[2:]:
-        raise ValueError(f"spatial size (N or H, W) differs between q and v; got {shapes}")
+    if k.dim() != v.dim():
+        raise ValueError(f"k and v must have the same rank; got {shapes}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch size B differs between q, k and v; got {shapes}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same number of channels Cq; got {shapes}")
+    if v.shape[2:] != k.shape[2:]:
+        raise ValueError(f"k and v must have the same spatial size (Nk or Hk, Wk): keys and "
+                         f"values are the same positions; got {shapes}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     Cq, Cv = q.shape[1], v.shape[1]
@@ -67,16 +94,15 @@ def check_pam(q, k, v, x, gamma):
         raise ValueError("give both x and gamma (y = gamma*O + x) or neither (returns O); got "
                          f"x={'None' if x is None else tuple(x.shape)}, "
                          f"gamma={'None' if gamma is None else 'given'}")
+    out_shape = (q.shape[0], Cv, *q.shape[2:])
     if x is not None:
         _tensor("x", x)
-        if x.shape != v.shape:
-            raise ValueError(f"x must have v's shape {tuple(v.shape)}; got x {tuple(x.shape)}")
+        if tuple(x.shape) != out_shape:
+            raise ValueError(f"x must have the output's shape [B, Cv, *q's spatial shape] = "
+                             f"{out_shape}; got x {tuple(x.shape)} ({shapes})")
     _same_device({"q": q, "k": k, "v": v, "x": x,
                   "gamma": gamma if isinstance(gamma, torch.Tensor) else None})
-    N = 1
-    for s in q.shape[2:]:
-        N *= s
-    return q.shape[0], Cq, Cv, N
+    return q.shape[0], Cq, Cv, _numel(q.shape[2:]), _numel(k.shape[2:])
 
 
 def check_cam(x, gamma, mode):
@@ -88,7 +114,4 @@ def check_cam(x, gamma, mode):
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one channel; got shape {tuple(x.shape)}")
     _same_device({"x": x, "gamma": gamma if isinstance(gamma, torch.Tensor) else None})
-    N = 1
-    for s in x.shape[2:]:
-        N *= s
-    return x.shape[0], x.shape[1], N
+    return x.shape[0], x.shape[1], _numel(x.shape[2:])

@@ -9,21 +9,27 @@ def _backend_ops(name):
     return _triton
 
 
-def position_attention(q, k, v, x=None, gamma=None, backend="auto"):
-    """DANet position attention. q, k: [B, Cq, H, W] (or [B, Cq, N]); v, x: [B, Cv, H, W].
+def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
+    """Position attention (DANet's PAM), and the general single-head spatial attention.
 
-    E = qᵀk (no 1/sqrt(d) scaling), A = softmax over keys, O = v Aᵀ.
-    Returns gamma * O + x when x and gamma are given, else O (shape of v).
+    q: [B, Cq, Hq, Wq] or [B, Cq, Nq]; k: [B, Cq, Hk, Wk] or [B, Cq, Nk]; v: [B, Cv, Hk, Wk] or
+    [B, Cv, Nk] (keys and values may have their own positions: pooled, sub-sampled, regions).
+    E = scale * qᵀk [B, Nq, Nk] (DANet: scale = 1, no 1/sqrt(d)); A = softmax over the keys;
+    O = v Aᵀ -> [B, Cv, *q's spatial shape]. Returns gamma * O + x when x (the output's shape)
+    and gamma are given, else O. Memory O((Nq + Nk) * C) on the fused backends.
     """
-    B, _, _, N = _validate.check_pam(q, k, v, x, gamma)
+    B, _, Cv, Nq, Nk = _validate.check_pam(q, k, v, x, gamma, scale)
+    scale = _validate.check_scale(scale)
     gamma = _validate.as_gamma(gamma, v)
     name = _backends.resolve(backend, "pam", q.device, q.dtype)
-    if name == "reference" or B == 0 or N == 0:
-        return reference.position_attention(q, k, v, x, gamma)
+    if name == "reference" or B == 0 or Nq == 0 or Nk == 0:
+        return reference.position_attention(q, k, v, x, gamma, scale)
     # [B, C, H, W] -> [B, C, N]: a view for contiguous and channels_last layouts.
+    extra = (scale,) if scale != 1.0 else ()
     o, _, y = _backend_ops(name).pam_forward(
-        q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma)
-    return (o if x is None else y).view(v.shape)
+        q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma,
+        *extra)
+    return (o if x is None else y).view(B, Cv, *q.shape[2:])
 
 
 def channel_attention(x, gamma=None, mode="original", backend="auto"):

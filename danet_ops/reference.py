@@ -6,16 +6,22 @@ the released PAM_Module / CAM_Module do, so its autograd graph is PyTorch's own.
 import torch
 
 
-def position_attention(q, k, v, x=None, gamma=None):
-    """q, k: [B, Cq, *S]; v: [B, Cv, *S] (S = (H, W) or (N,)); returns gamma*O + x or O."""
+def position_attention(q, k, v, x=None, gamma=None, scale=1.0):
+    """q: [B, Cq, *Sq]; k: [B, Cq, *Sk]; v: [B, Cv, *Sk] (S = (H, W) or (N,)).
+
+    E = scale * q^T k [B, Nq, Nk], softmax over the Nk keys, O = v A^T [B, Cv, *Sq];
+    returns gamma*O + x or O. scale = 1 and Sk = Sq is the released PAM_Module exactly.
+    """
     B, Cq = q.shape[:2]
     Cv = v.shape[1]
-    proj_query = q.flatten(2).permute(0, 2, 1)            # [B, N, Cq]
-    proj_key = k.flatten(2)                                # [B, Cq, N]
-    energy = torch.bmm(proj_query, proj_key)                       # [B, N, N]
+    proj_query = q.flatten(2).permute(0, 2, 1)            # [B, Nq, Cq]
+    proj_key = k.flatten(2)                                # [B, Cq, Nk]
+    energy = torch.bmm(proj_query, proj_key)                       # [B, Nq, Nk]
+    if scale != 1.0:
+        energy = energy * scale
     attention = torch.softmax(energy, dim=-1)
-    proj_value = v.flatten(2)                              # [B, Cv, N]
-    out = torch.bmm(proj_value, attention.permute(0, 2, 1)).view(v.shape)
+    proj_value = v.flatten(2)                              # [B, Cv, Nk]
+    out = torch.bmm(proj_value, attention.permute(0, 2, 1)).view(B, Cv, *q.shape[2:])
     if gamma is None:
         return out
     return gamma * out + x

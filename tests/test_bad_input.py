@@ -17,17 +17,21 @@ def _cases():
     q, k, v, x, g = _pam()
     yield "rank", (q[0, 0], k[0, 0], v[0, 0], x[0, 0], g), r"q must be \[B, C, H, W\].*\(5, 5\)"
     yield "rank5", (q[None], k[None], v[None], x[None], g), r"q must be .*\(1, 1, 4, 5, 5\)"
-    yield "mixed rank", (q, k, v.flatten(2), x.flatten(2), g), "same rank"
+    yield "k/v rank", (q, k, v.flatten(2), x.flatten(2), g), "k and v must have the same rank"
     yield "B mismatch", (q, k, torch.cat([v, v]), torch.cat([x, x]), g), r"batch size B.*v \(2, 8, 5, 5\)"
     yield "N mismatch v", (q, k, v[..., :4], x[..., :4], g), r"spatial size.*v \(1, 8, 5, 4\)"
-    yield "q/k mismatch", (q, k[:, :2], v, x, g), r"q and k must have the same shape.*k \(1, 2, 5, 5\)"
-    yield "N mismatch k", (q, k[..., :3], v, x, g), r"q and k must have the same shape"
+    yield "q/k channels", (q, k[:, :2], v, x, g), r"same number of channels Cq.*k \(1, 2, 5, 5\)"
+    yield "k/v positions", (q, k[..., :3], v, x, g), r"k and v must have the same spatial size"
     big_q = torch.randn(1, 257, 5, 5)
     yield "Cq range", (big_q, big_q, v, x, g), r"Cq = 257 outside .*1\.\.256"
     wide_v = torch.randn(1, 4097, 1, 2)
     qq = torch.randn(1, 4, 1, 2)
     yield "Cv range", (qq, qq, wide_v, None, None), r"Cv = 4097 outside .*1\.\.4096"
-    yield "x shape", (q, k, v, x[:, :3], g), r"x must have v's shape \(1, 8, 5, 5\); got x \(1, 3, 5, 5\)"
+    yield "x shape", (q, k, v, x[:, :3], g), r"x must have the output's shape .* \(1, 8, 5, 5\); got x \(1, 3, 5, 5\)"
+    # Nk != Nq is legal; x must then have q's positions, not k's.
+    yield "x has k's positions", (q, k[..., :3], v[..., :3], x[..., :3], g), r"output's shape .*\(1, 8, 5, 5\)"
+    yield "scale type", (q, k, v, x, g, "cpu"), r"scale must be a real number.*backend= by keyword"
+    yield "scale inf", (q, k, v, x, g, float("inf")), "scale must be finite"
     yield "x without gamma", (q, k, v, x, None), "give both x and gamma"
     yield "gamma without x", (q, k, v, None, g), "give both x and gamma"
     yield "gamma numel", (q, k, v, x, torch.ones(2)), r"gamma must have one element; got shape \(2,\)"
