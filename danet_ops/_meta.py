@@ -17,7 +17,8 @@ def _residual_dtype(o_dtype, x, gamma):
 
 
 # ----------------------------------------------------------------------------- PAM
-def pam_forward_fake(q, k, v, x, gamma):
+def pam_forward_fake(q, k, v, x, gamma, scale=1.0):
+    # q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]: outputs have the queries' Nq.
     B, _, N = q.shape
     Cv = v.shape[1]
     o = v.new_empty((B, Cv, N))
@@ -29,14 +30,16 @@ def pam_forward_fake(q, k, v, x, gamma):
     return o, lse, y
 
 
-def pam_backward_fake(dy, q, k, v, o, lse, gamma):
+def pam_backward_fake(dy, q, k, v, o, lse, gamma, scale=1.0):
     ct = _compute_dtype(v.dtype)
     dgamma = q.new_empty((1,) if gamma is not None else (0,), dtype=ct)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgamma)
 
 
 def _pam_setup_context(ctx, inputs, output):
-    q, k, v, x, gamma = inputs
+    q, k, v, x, gamma = inputs[:5]
+    # (scale,) for the ops whose schema has it (the backward gets the same scale), else ().
+    ctx.extra = tuple(inputs[5:])
     o, lse, y = output
     ctx.residual = x is not None
     ctx.x_dtype = x.dtype if x is not None else None
@@ -51,10 +54,11 @@ def _pam_autograd(backward_op):
     def backward(ctx, d_o, d_lse, d_y):
         q, k, v, o, lse, gamma = ctx.saved_tensors
         g = d_y if ctx.residual else d_o        # gradient of the result the caller used
-        dq, dk, dv, dgamma = backward_op(g, q, k, v, o, lse, gamma if ctx.residual else None)
+        dq, dk, dv, dgamma = backward_op(g, q, k, v, o, lse, gamma if ctx.residual else None,
+                                         *ctx.extra)
         dx = g.to(ctx.x_dtype) if ctx.residual else None
         dgam = _grad_of_gamma(dgamma, gamma) if ctx.residual else None
-        return dq, dk, dv, dx, dgam
+        return (dq, dk, dv, dx, dgam) + (None,) * len(ctx.extra)   # scale: no gradient
     return backward
 
 

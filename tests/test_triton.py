@@ -193,8 +193,8 @@ def test_dot_precision_policy():
 
 def test_ops_registered_with_the_architecture_schemas():
     want = {
-        "pam_forward_triton": "(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma) -> (Tensor, Tensor, Tensor)",
-        "pam_backward_triton": "(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor)",
+        "pam_forward_triton": "(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma, float scale=1.) -> (Tensor, Tensor, Tensor)",
+        "pam_backward_triton": "(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? gamma, float scale=1.) -> (Tensor, Tensor, Tensor, Tensor)",
         "cam_forward_triton": "(Tensor x, Tensor? gamma, str mode) -> (Tensor, Tensor, Tensor)",
         "cam_backward_triton": "(Tensor dy, Tensor x, Tensor attn, Tensor o, Tensor? gamma, str mode) -> (Tensor, Tensor)",
     }
@@ -459,6 +459,124 @@ def test_interp_pam_empty_and_direct_op():
     with pytest.raises(ValueError, match="Cq = 300"):
         ops.pam_forward_triton(torch.randn(1, 300, 4), torch.randn(1, 300, 4),
                                torch.randn(1, 2, 4), None, None)
+
+
+# ============================================================================ interpreter: general PAM op
+# Issue 14: E = scale * q^T k with keys/values of their own length Nk (q [B, Cq, Nq], k [B, Cq, Nk],
+# v [B, Cv, Nk], x/o/y [B, Cv, Nq]). The ops are called directly (their registered autograd gives
+# the gradients); the oracle is the naive computation written here, in float64.
+def _general_inputs(B, Cq, Cv, Nq, Nk, dtype, layout="contiguous", residual=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda c, n, s: make((B, c, n, 1), dtype, layout, gen, s).flatten(2)  # noqa: E731
+    q, k, v = mk(Cq, Nq, 0.5), mk(Cq, Nk, 0.5), mk(Cv, Nk, 1.0)
+    if not residual:
+        return [q, k, v, None, None]
+    gdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return [q, k, v, mk(Cv, Nq, 1.0), torch.tensor([0.7], dtype=gdt)]
+
+
+def _general_naive(q, k, v, x, gamma, scale):
+    """The naive bmm computation of the general op (oracle in float64): (result, lse)."""
+    e = torch.bmm(q.transpose(1, 2), k) * scale                         # [B, Nq, Nk]
+    o = torch.bmm(v, torch.softmax(e, dim=-1).transpose(1, 2))          # [B, Cv, Nq]
+    return (o if x is None else gamma * o + x), torch.logsumexp(e.double(), dim=-1)
+
+
+def _compare_general(op, inputs, scale, dtype):
+    """The op's result, lse and every gradient vs the float64 oracle, bounded by 2x the naive
+    computation's own error in the same dtype (floor: FLOOR[dtype], one rounding of the result)."""
+    residual = inputs[3] is not None
+
+    def fused(*t):
+        o, lse, y = op(*t, scale)
+        fused.lse = lse
+        return y if residual else o
+
+    naive = lambda *t: _general_naive(*t, scale)[0]  # noqa: E731
+    got, grads = run_with_grads(fused, inputs)
+    ref64, grads64 = run_with_grads(naive, to64(inputs))
+    lowp, grads_lowp = run_with_grads(naive, inputs)
+    B, _, Nq = inputs[0].shape
+    assert got.shape == (B, inputs[2].shape[1], Nq) and got.dtype == lowp.dtype
+    for name, g, o, lp in zip(PAM_NAMES, [got] + grads, [ref64] + grads64, [lowp] + grads_lowp):
+        if o is None:
+            continue
+        assert g.shape == o.shape and g.dtype == lp.dtype, (name, g.shape, o.shape, g.dtype)
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
+    lse64 = _general_naive(*to64(inputs), scale)[1]
+    assert fused.lse.dtype == torch.float32 and fused.lse.shape == (B, Nq)
+    # lse is fp32 softmax statistics over Nk <= 40 terms: a few fp32 ulps of |lse| (+ the fp16/bf16
+    # rounding of the logits' operands, which the oracle sees identically: it gets the same inputs)
+    assert max_err(fused.lse, lse64) <= 1e-5 * max(lse64.abs().max().item(), 1.0)
+
+
+GENERAL_CASES = [  # B, Cq, Cv, Nq, Nk, scale   (interpreter blocks: 16 positions, 16 channels)
+    (2, 5, 24, 35, 9, 5 ** -0.5),   # Nk < Nq (pooled keys), 1/sqrt(Cq), two value chunks
+    (1, 3, 20, 7, 40, 2.5),         # Nk > Nq: three ragged key blocks; sharp logits
+    (2, 4, 12, 19, 1, 0.3),         # Nk = 1: every weight is exactly 1, o = v broadcast
+    (1, 20, 40, 1, 33, -0.7),       # Nq = 1, negative scale, Cq padded to 32, three value chunks
+    (1, 6, 17, 21, 21, 0.125),      # Nk = Nq with scale != 1
+    (1, 6, 17, 16, 48, 1.0),        # scale = 1, Nk = 3 Nq: whole key blocks
+]
+
+
+@pytest.mark.parametrize("case", GENERAL_CASES, ids=lambda c: "x".join(f"{v:g}" for v in c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@interpreted
+def test_interp_general_pam_matches_oracle(case, dtype):
+    *shape, scale = case
+    _compare_general(ops.pam_forward_triton, _general_inputs(*shape, dtype), scale, dtype)
+
+
+@pytest.mark.parametrize("layout,residual", [("channels_last", True), ("channel_slice", False)])
+@interpreted
+def test_interp_general_pam_layouts_bf16_no_residual(layout, residual):
+    inputs = _general_inputs(2, 5, 20, 23, 6, torch.float32, layout, residual)
+    assert not inputs[0].is_contiguous()
+    _compare_general(ops.pam_forward_triton, inputs, 0.4, torch.float32)
+    _compare_general(ops.pam_forward_triton, _general_inputs(1, 4, 18, 9, 26, torch.bfloat16,
+                                                             layout, residual), 0.5, torch.bfloat16)
+
+
+@interpreted
+def test_interp_general_pam_nk1_is_exact_and_scale_one_is_the_default():
+    # One key: softmax is exactly 1 whatever the scale, so o == v (broadcast over the queries)
+    # and lse == scale * q.k; the gradients of q and k are exactly 0.
+    q, k, v, _, _ = _general_inputs(1, 3, 5, 10, 1, torch.float32, residual=False)
+    o, lse, y = ops.pam_forward_triton(q, k, v, None, None, 0.5)
+    assert torch.equal(o, v.expand(1, 5, 10)) and y.shape == (0,)
+    assert max_err(lse, 0.5 * (q.double() * k.double()).sum(1)) <= 1e-6   # fp32 dot of 3 terms
+    dq, dk, dv, dg = ops.pam_backward_triton(torch.ones_like(o), q, k, v, o, lse, None, 0.5)
+    assert dq.abs().max() == 0 and dk.abs().max() == 0 and dg.shape == (0,)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert torch.equal(dv, torch.full_like(v, 10.0))                    # sum over 10 queries of 1
+    # scale = 1 given explicitly is the schema's default: the same kernels, bit for bit.
+    inputs = _general_inputs(1, 4, 20, 19, 7, torch.float32)
+    a = ops.pam_forward_triton(*inputs)
+    b = ops.pam_forward_triton(*inputs, 1.0)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+@interpreted
+def test_interp_general_pam_rejects_mismatched_positions():
+    q, k, v, x, g = _general_inputs(1, 3, 5, 10, 4, torch.float32)
+    with pytest.raises(ValueError, match="Nk"):
+        ops.pam_forward_triton(q, k, v[..., :3], x, g)          # k and v disagree on Nk
+    with pytest.raises(ValueError, match="Nq"):
+        ops.pam_forward_triton(q, k, v, x[..., :4], g)          # x must have the output's shape
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@interpreted
+def test_interp_opcheck_general_pam(residual):
+    q, k, v, x, g = _general_inputs(1, 3, 5, 7, 4, torch.float32, "channels_last", residual)
+    args = [None if a is None else a.clone().requires_grad_() if a.dim() == 1 else
+            a.detach().requires_grad_() for a in (q, k, v, x, g)]
+    torch.library.opcheck(ops.pam_forward_triton.default, (*args, 0.35))
+    o, lse, y = ops.pam_forward_triton(*[None if a is None else a.detach() for a in args], 0.35)
+    torch.library.opcheck(ops.pam_backward_triton.default,
+                          (torch.randn_like(o), q, k, v, o, lse, g, 0.35))
 
 
 # ============================================================================ interpreter: CAM

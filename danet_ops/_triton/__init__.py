@@ -1,7 +1,7 @@
 """Backend "triton": Triton kernels for PAM and CAM, registered as danet_ops::*_triton ops.
 
 Interface used by danet_ops._backends / functional: `available() -> (bool, reason)`,
-`pam_forward(q, k, v, x, gamma)` and `cam_forward(x, gamma, mode)` with the schemas of
+`pam_forward(q, k, v, x, gamma, scale=1.0)` and `cam_forward(x, gamma, mode)` with the schemas of
 docs/ARCHITECTURE.md. Importing this package registers the ops (ops.py) without importing
 triton; triton is imported by `available()` (once, cached) or by the first kernel launch.
 Design notes: docs/triton.md.
@@ -32,8 +32,8 @@ def available():
     return True, ""
 
 
-def pam_forward(q, k, v, x, gamma):
-    return torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma)
+def pam_forward(q, k, v, x, gamma, scale=1.0):
+    return torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma, float(scale))
 
 
 def cam_forward(x, gamma, mode):

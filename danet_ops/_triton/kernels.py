@@ -33,20 +33,21 @@ def _dot(a, b, acc, PREC: tl.constexpr, F32_DOT: tl.constexpr):
 @triton.jit
 def pam_fwd_kernel(
         Q, K, V, X, GAMMA, O, LSE, Y,
-        N, CQ, CV,
+        NQ, NK, CQ, CV, QK_SCALE,
         s_qb, s_qc, s_qn, s_kb, s_kc, s_kn, s_vb, s_vc, s_vn, s_xb, s_xc, s_xn,
         s_ob, s_oc, s_on, s_lb, s_ln, s_yb, s_yc, s_yn,
-        N_KEY,  # autotune bucket of N only
+        N_KEY, NK_KEY,  # autotune buckets of NQ and NK only
         CQ_P: tl.constexpr, HAS_RES: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr):
     """Flash-attention forward for one (query block, batch, value-channel chunk).
 
-        E[i, j] = sum_c q[c, i] k[c, j]              (no 1/sqrt(d) scaling)
+        E[i, j] = scale * sum_c q[c, i] k[c, j]      (DANet: scale = 1)
         O[c, i] = sum_j v[c, j] exp(E[i, j] - lse[i]),  lse[i] = log sum_j exp(E[i, j])
         Y[c, i] = gamma * O[c, i] + x[c, i]          (HAS_RES)
 
-    Q, K: [B, CQ, N]; V, X: [B, CV, N]; GAMMA: [1]; O, Y: [B, CV, N]; LSE: [B, N] fp32.
-    Grid (cdiv(N, BLOCK_M), B, cdiv(CV, BLOCK_CV)): each chunk recomputes q.k^T (CQ << CV),
+    Q: [B, CQ, NQ]; K: [B, CQ, NK]; V: [B, CV, NK]; X, O, Y: [B, CV, NQ]; GAMMA: [1];
+    LSE: [B, NQ] fp32. QK_SCALE = scale * log2(e) (fp32; scale = 1 gives LOG2E exactly).
+    Grid (cdiv(NQ, BLOCK_M), B, cdiv(CV, BLOCK_CV)): each chunk recomputes q.k^T (CQ << CV),
     which keeps the accumulator at [BLOCK_M, BLOCK_CV] instead of [BLOCK_M, CV]. CQ is padded
     to CQ_P (a power of two >= 16) with zeros, which leaves E unchanged.
     """
@@ -58,7 +59,7 @@ def pam_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)                              # key positions j (block-local)
     offs_d = tl.arange(0, CQ_P)                                 # q/k channels
     offs_c = pid_c * BLOCK_CV + tl.arange(0, BLOCK_CV)          # value channels of this chunk
-    m_mask = offs_m < N
+    m_mask = offs_m < NQ
     d_mask = offs_d < CQ
     c_mask = offs_c < CV
     m64 = offs_m.to(tl.int64)
@@ -75,11 +76,11 @@ def pam_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)        # running max of z (log2 units)
     l_i = tl.zeros((BLOCK_M,), tl.float32)                       # running sum of exp2(z - m)
     acc = tl.zeros((BLOCK_M, BLOCK_CV), tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        n_mask = (start_n + offs_n) < N
+    for start_n in range(0, NK, BLOCK_N):
+        n_mask = (start_n + offs_n) < NK
         k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
         s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, F32_DOT)
-        z = tl.where(n_mask[None, :], s * LOG2E, float("-inf"))
+        z = tl.where(n_mask[None, :], s * QK_SCALE, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # A row that has seen only -inf logits so far (a whole key block of them) subtracts 0,
         # not -inf: exp2(-inf - -inf) would be NaN, and its weights must be 0 as in softmax.
@@ -147,10 +148,10 @@ def rowdot_kernel(DY, O, R, N, C,
 @triton.jit
 def pam_bwd_dkdv_kernel(
         Q, K, V, DY, LSE, R, GAMMA, DV, DKP,
-        N, CQ, CV,
+        NQ, NK, CQ, CV, SCALE, QK_SCALE,
         s_qb, s_qc, s_qn, s_kb, s_kc, s_kn, s_vb, s_vc, s_vn, s_db, s_dc, s_dn,
         s_lb, s_ln, s_rb, s_rn, s_vgb, s_vgc, s_vgn, s_kpp, s_kpb, s_kpc, s_kpn,
-        N_KEY,
+        N_KEY, NK_KEY,
         CQ_P: tl.constexpr, HAS_GAMMA: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr):
     """dV and a chunk's share of dK for one (key block, batch, value-channel chunk h).
@@ -158,12 +159,13 @@ def pam_bwd_dkdv_kernel(
         P[i, j]  = exp(E[i, j] - lse[i]),  dO = g * dy (g = gamma, or 1),  Delta = g * R
         dV[c, j] = g * sum_i P[i, j] dy[c, i]                          (c in chunk h)
         dA_h[i, j] = g * sum_{c in h} dy[c, i] v[c, j]
-        dK_h[d, j] = sum_i P[i, j] (dA_h[i, j] - [h == 0] Delta_i) q[d, i]
+        dK_h[d, j] = scale * sum_i P[i, j] (dA_h[i, j] - [h == 0] Delta_i) q[d, i]
 
     dK = sum_h dK_h (the host sums the chunk partials in a fixed order: no atomics), because
-    dE = P o (dA - Delta) is linear in dA = sum_h dA_h. Q, K: [B, CQ, N]; V, DY, DV:
-    [B, CV, N]; LSE, R: [B, N] fp32; DKP: [H, B, CQ, N] (or dk itself when H == 1).
-    Grid (cdiv(N, BLOCK_N), B, H). The loop runs over query blocks; P^T is built as
+    dE = scale * P o (dA - Delta) is linear in dA = sum_h dA_h (scale applied once, at the
+    store; 1.0 changes nothing). Q: [B, CQ, NQ]; K: [B, CQ, NK]; V, DV: [B, CV, NK]; DY:
+    [B, CV, NQ]; LSE, R: [B, NQ] fp32; DKP: [H, B, CQ, NK] (or dk itself when H == 1).
+    QK_SCALE = scale * log2(e). Grid (cdiv(NK, BLOCK_N), B, H). The loop runs over query blocks; P^T is built as
     [BLOCK_N, BLOCK_M] so that every product has the key block as its row dimension.
     """
     pid_n = tl.program_id(0)
@@ -174,7 +176,7 @@ def pam_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)                              # query positions (block-local)
     offs_d = tl.arange(0, CQ_P)
     offs_c = h * BLOCK_CV + tl.arange(0, BLOCK_CV)
-    n_mask = offs_n < N
+    n_mask = offs_n < NK
     d_mask = offs_d < CQ
     c_mask = offs_c < CV
     n64 = offs_n.to(tl.int64)
@@ -198,13 +200,13 @@ def pam_bwd_dkdv_kernel(
 
     dv = tl.zeros((BLOCK_N, BLOCK_CV), tl.float32)
     dk = tl.zeros((BLOCK_N, CQ_P), tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        m_mask = (start_m + offs_m) < N
+    for start_m in range(0, NQ, BLOCK_M):
+        m_mask = (start_m + offs_m) < NQ
         qt = tl.load(q_ptrs, mask=d_mask[:, None] & m_mask[None, :], other=0.0)
         lse = tl.load(lse_ptrs, mask=m_mask, other=float("inf"))   # masked rows: P = 0
         delta = g * tl.load(r_ptrs, mask=m_mask, other=0.0) * first
         st = _dot(kt, qt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), PREC, F32_DOT)
-        pt = tl.exp2(st * LOG2E - (lse * LOG2E)[None, :])           # P^T [BLOCK_N, BLOCK_M]
+        pt = tl.exp2(st * QK_SCALE - (lse * LOG2E)[None, :])        # P^T [BLOCK_N, BLOCK_M]
         dy = tl.load(dy_ptrs, mask=c_mask[:, None] & m_mask[None, :], other=0.0).to(v.dtype)
         dv = _dot(pt.to(v.dtype), tl.trans(dy), dv, PREC, F32_DOT)
         dpt = g * _dot(v, dy, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), PREC, F32_DOT)
@@ -218,24 +220,25 @@ def pam_bwd_dkdv_kernel(
     tl.store(DV + b * s_vgb + n64[:, None] * s_vgn + c64[None, :] * s_vgc,
              (g * dv).to(DV.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
     tl.store(DKP + h.to(tl.int64) * s_kpp + b * s_kpb + n64[:, None] * s_kpn + d64[None, :] * s_kpc,
-             dk.to(DKP.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
+             (SCALE * dk).to(DKP.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def pam_bwd_dq_kernel(
         Q, K, V, DY, LSE, R, GAMMA, DQ,
-        N, CQ, CV,
+        NQ, NK, CQ, CV, SCALE, QK_SCALE,
         s_qb, s_qc, s_qn, s_kb, s_kc, s_kn, s_vb, s_vc, s_vn, s_db, s_dc, s_dn,
         s_lb, s_ln, s_rb, s_rn, s_gb, s_gc, s_gn,
-        N_KEY,
+        N_KEY, NK_KEY,
         CQ_P: tl.constexpr, HAS_GAMMA: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CV: tl.constexpr):
     """dQ for one (query block, batch):
 
-        dA[i, j] = g * sum_c dy[c, i] v[c, j],   dE[i, j] = P[i, j] (dA[i, j] - g R_i)
-        dQ[d, i] = sum_j dE[i, j] k[d, j]
+        dA[i, j] = g * sum_c dy[c, i] v[c, j],   dE[i, j] = scale * P[i, j] (dA[i, j] - g R_i)
+        dQ[d, i] = sum_j dE[i, j] k[d, j]             (scale applied once, at the store)
 
-    Q, K, DQ: [B, CQ, N]; V, DY: [B, CV, N]; LSE, R: [B, N] fp32. Grid (cdiv(N, BLOCK_M), B).
+    Q, DQ: [B, CQ, NQ]; K: [B, CQ, NK]; V: [B, CV, NK]; DY: [B, CV, NQ]; LSE, R: [B, NQ] fp32.
+    QK_SCALE = scale * log2(e). Grid (cdiv(NQ, BLOCK_M), B).
     The program owns its rows of dQ (no atomics); dA sums all CV channels in BLOCK_CV steps
     inside the key loop, so no [BLOCK_M, CV] tile is ever held.
     """
@@ -245,7 +248,7 @@ def pam_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, CQ_P)
     offs_c = tl.arange(0, BLOCK_CV)
-    m_mask = offs_m < N
+    m_mask = offs_m < NQ
     d_mask = offs_d < CQ
     m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
@@ -265,11 +268,11 @@ def pam_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, CQ_P), tl.float32)
     v_col = v_base                                              # column block of v at start_n
-    for start_n in range(0, N, BLOCK_N):
-        n_mask = (start_n + offs_n) < N
+    for start_n in range(0, NK, BLOCK_N):
+        n_mask = (start_n + offs_n) < NK
         k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
         s = _dot(q, k, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, F32_DOT)
-        p = tl.where(n_mask[None, :], tl.exp2(s * LOG2E - lse2[:, None]), 0.0)
+        p = tl.where(n_mask[None, :], tl.exp2(s * QK_SCALE - lse2[:, None]), 0.0)
         dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         v_ptrs = v_col
         dy_ptrs = dy_base
@@ -286,7 +289,7 @@ def pam_bwd_dq_kernel(
         v_col += BLOCK_N * s_vn
 
     tl.store(DQ + b * s_gb + m64[:, None] * s_gn + d64[None, :] * s_gc,
-             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+             (SCALE * dq).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 # ============================================================================ CAM

@@ -39,16 +39,17 @@ def _kernels(name):
 
 @torch.library.custom_op(PAM_FORWARD, mutates_args=())
 def pam_forward_triton(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor],
-                       gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (o [B, Cv, N], lse [B, N] fp32, y = gamma*o + x or shape [0])."""
-    return _kernels("pam").forward(q, k, v, x, gamma)
+                       gamma: Optional[Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; E = scale * q^T k.
+    -> (o [B, Cv, Nq], lse [B, Nq] fp32, y = gamma*o + x or shape [0])."""
+    return _kernels("pam").forward(q, k, v, x, gamma, scale)
 
 
 @torch.library.custom_op(PAM_BACKWARD, mutates_args=())
 def pam_backward_triton(dy: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                        gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv, dgamma [1] fp32 or [0])."""
-    return _kernels("pam").backward(dy, q, k, v, o, lse, gamma)
+                        gamma: Optional[Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq [B, Cq, Nq], dk [B, Cq, Nk], dv [B, Cv, Nk], dgamma [1] fp32 or [0])."""
+    return _kernels("pam").backward(dy, q, k, v, o, lse, gamma, scale)
 
 
 @torch.library.custom_op(CAM_FORWARD, mutates_args=())
