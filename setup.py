@@ -11,16 +11,24 @@ Decisions (printed at build time):
     We never add torch to the build requirements: that would download a second torch.
 """
 import glob
+import json
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+FLAGS = json.load(open(os.path.join(ROOT, "csrc", "build_flags.json")))  # the one build recipe
 
 
 def log(msg):
     print(f"[danet_ops build] {msg}", file=sys.stderr, flush=True)
+
+
+def arch_list():
+    """build_flags.json's cuda_archs ("80", "90a") as TORCH_CUDA_ARCH_LIST ("8.0;9.0a")."""
+    return ";".join(f"{a[:-1]}.{a[-1]}" if a[-1].isdigit() else f"{a[:-2]}.{a[-2:]}"
+                    for a in FLAGS["cuda_archs"])
 
 
 def rel(paths):
@@ -59,23 +67,25 @@ def extensions():
 
     sources = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(
         os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = FLAGS["cxx"]
+    cuda_define = "-D" + FLAGS["cuda_define"]
     cuda, why = want_cuda(torch, cpp_ext)
     log(f"torch {torch.__version__} found; CUDA kernels: {'yes' if cuda else 'no'} ({why})")
     if cuda:
         sources += glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
         sources += glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
-        log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(unset: torch picks)')}")
+        # Default targets from the recipe (sm_80 and sm_90a); TORCH_CUDA_ARCH_LIST overrides.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch_list())
+        log(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = cpp_ext.CUDAExtension(
             "danet_ops._C", rel(sources),
-            extra_compile_args={"cxx": cxx + ["-DDANET_OPS_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                                         "-DDANET_OPS_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx + [cuda_define],
+                                "nvcc": FLAGS["nvcc"] + [cuda_define]},
+            extra_link_args=FLAGS["ldflags"])
     else:
         ext = cpp_ext.CppExtension("danet_ops._C", rel(sources),
                                    extra_compile_args={"cxx": cxx},
-                                   extra_link_args=["-fopenmp"])
+                                   extra_link_args=FLAGS["ldflags"])
     log("sources: " + ", ".join(rel(sources)))
     build_ext = cpp_ext.BuildExtension.with_options(use_ninja=cpp_ext.is_ninja_available())
     return [ext], {"build_ext": build_ext}
@@ -87,7 +97,7 @@ setup(
     packages=["danet_ops", "danet_ops._triton", "danet_ops.csrc"],
     # The C++ sources ship inside the package so that the JIT fallback works from a wheel.
     package_dir={"danet_ops": "danet_ops", "danet_ops.csrc": "csrc"},
-    package_data={"danet_ops.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu",
+    package_data={"danet_ops.csrc": ["*.cpp", "*.h", "*.json", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu",
                                       "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

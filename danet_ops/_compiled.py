@@ -5,9 +5,10 @@ missing (plain `pip install .` under build isolation cannot see torch) the same 
 JIT-compiled with torch.utils.cpp_extension on first use, unless DANET_OPS_JIT=0.
 """
 import glob
+import json
 import os
-import sys
 import threading
+import warnings
 
 import torch
 
@@ -18,6 +19,10 @@ _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "how": None}
 
 FORWARD = {"pam": "danet_ops::pam_forward", "cam": "danet_ops::cam_forward"}
+
+
+class JitBuildWarning(UserWarning):
+    """The C++ ops are being JIT-compiled (no prebuilt library): filter it with `warnings`."""
 
 
 def _prebuilt():
@@ -39,18 +44,21 @@ def _jit_build():
     if root is None:
         raise RuntimeError("no prebuilt danet_ops._C and no C++ sources to JIT-compile")
     sources = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "cpu", "*.cpp")))
-    print("[danet_ops] no prebuilt danet_ops._C: compiling the C++ ops from "
-          f"{root} (once, about a minute; cached by torch.utils.cpp_extension). "
-          "`pip install --no-build-isolation .` builds them ahead of time.", file=sys.stderr)
-    cflags = ["-O3", "-fopenmp", "-std=c++17"]
+    warnings.warn("danet_ops: no prebuilt danet_ops._C: compiling the C++ ops from "
+                  f"{root} (once, about a minute; cached by torch.utils.cpp_extension). "
+                  "`pip install --no-build-isolation .` builds them ahead of time.",
+                  JitBuildWarning, stacklevel=3)
+    flags = json.load(open(os.path.join(root, "build_flags.json")))  # setup.py's recipe
+    cflags = list(flags["cxx"])
+    define = "-D" + flags["cuda_define"]
     cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
             and os.environ.get("DANET_OPS_CUDA", "1") != "0")
     if cuda:
         sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")) + glob.glob(os.path.join(root, "cuda", "*.cpp")))
-        cflags.append("-DDANET_OPS_WITH_CUDA")
+        cflags.append(define)
     cpp_extension.load(name="danet_ops_C", sources=sources, extra_cflags=cflags,
-                       extra_cuda_cflags=["-O3", "-std=c++17", "-DDANET_OPS_WITH_CUDA"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                       extra_cuda_cflags=flags["nvcc"] + [define],
+                       extra_ldflags=flags["ldflags"], is_python_module=False, verbose=False)
     return f"JIT-compiled from {root}"
 
 

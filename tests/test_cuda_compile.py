@@ -5,6 +5,7 @@ compiled for sm_80 and sm_90a with `-Xptxas -v` (the flags of setup.py's CUDA bu
 ptxas report is parsed, and any register spill in a kernel fails the test. Skips only when
 nvcc is absent. Two files compile in parallel at most (CI machines have few cores).
 """
+import json
 import os
 import re
 import shutil
@@ -16,10 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-ARCHS = ("sm_80", "sm_90a")
+ARCHS = tuple(f"sm_{a}" for a in json.loads(
+    (Path(__file__).resolve().parent.parent / "csrc" / "build_flags.json").read_text())["cuda_archs"])
 # The kernels whose spill-freedom is the point of the test; each must appear for every arch.
 MAIN_KERNELS = ("pam_pv_kernel", "pam_dqk_kernel", "cam_gram_kernel", "cam_mix_kernel")
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v"]
+# The build recipe of setup.py / the JIT build / CMake (csrc/build_flags.json), plus ptxas -v.
+_FLAGS = json.loads((Path(__file__).resolve().parent.parent / "csrc" / "build_flags.json").read_text())
+NVCC_FLAGS = _FLAGS["nvcc"] + ["-Xptxas", "-v"]
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10)/', re.M)
 
 

@@ -1,0 +1,37 @@
+"""One build recipe: setup.py, the JIT build, CMake and the nvcc compile test all take their
+compiler flags from csrc/build_flags.json, and nothing else spells them out."""
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from danet_ops import _compiled
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = json.loads((ROOT / "csrc" / "build_flags.json").read_text())
+READERS = ["setup.py", "danet_ops/_compiled.py", "CMakeLists.txt", "tests/test_cuda_compile.py"]
+
+
+@pytest.mark.parametrize("path", READERS)
+def test_every_build_reads_the_recipe_and_spells_out_no_flag(path):
+    text = (ROOT / path).read_text()
+    assert "build_flags.json" in text
+    code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+    # (-std=c++17 alone may appear: the compile test's host syntax check of the headers is not a build.)
+    for flag in set(FLAGS["cxx"] + FLAGS["nvcc"]) - {"-std=c++17"}:
+        assert not re.search(rf"[\"']{re.escape(flag)}[\"']", code), f"{path} spells out {flag}"
+
+
+def test_jit_build_uses_the_recipe_and_warns(monkeypatch):
+    seen = {}
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(kw))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _compiled._jit_build()
+    assert any(issubclass(x.category, _compiled.JitBuildWarning) for x in w)
+    assert seen["extra_cflags"][:len(FLAGS["cxx"])] == FLAGS["cxx"]
+    assert seen["extra_cuda_cflags"] == FLAGS["nvcc"] + ["-D" + FLAGS["cuda_define"]]
+    assert seen["extra_ldflags"] == FLAGS["ldflags"]
