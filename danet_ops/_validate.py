@@ -3,10 +3,11 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CQ_RANGE = (1, 256)
-CV_RANGE = (1, 4096)
-CAM_MODES = ("original", "paper")
+from . import _contract
+from ._contract import CAM_MODES, FLOAT_DTYPES
+
+CQ_RANGE = (_contract.CQ_MIN, _contract.CQ_MAX)
+CV_RANGE = (_contract.CV_MIN, _contract.CV_MAX)
 
 
 def _tensor(name, t):
@@ -111,7 +112,15 @@ def check_cam(x, gamma, mode):
     _rank("x", x)
     if mode not in CAM_MODES:
         raise ValueError(f"mode must be one of {CAM_MODES}; got {mode!r}")
-    if x.shape[1] < 1:
+    if x.shape[1] < _contract.CAM_C_MIN:
         raise ValueError(f"x must have at least one channel; got shape {tuple(x.shape)}")
     _same_device({"x": x, "gamma": gamma if isinstance(gamma, torch.Tensor) else None})
     return x.shape[0], x.shape[1], _numel(x.shape[2:])
+
+
+def check_backend_limits(backend, op, shape):
+    """Limits of one backend beyond the op's (raised before its kernel runs)."""
+    if op == "cam" and backend in _contract.CAM_C_MAX and shape[1] > _contract.CAM_C_MAX[backend]:
+        raise ValueError(f"channel_attention: C = {shape[1]} exceeds the {backend!r} backend's "
+                         f"limit {_contract.CAM_C_MAX[backend]} (x {tuple(shape)}); use "
+                         f"backend='triton' or 'reference' for it")

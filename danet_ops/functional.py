@@ -42,6 +42,7 @@ def channel_attention(x, gamma=None, mode="original", backend="auto"):
     B, _, N = _validate.check_cam(x, gamma, mode)
     gamma = _validate.as_gamma(gamma, x)
     name = _backends.resolve(backend, "cam", x.device, x.dtype)
+    _validate.check_backend_limits(name, "cam", x.shape)
     if name == "reference" or B == 0 or N == 0:
         return reference.channel_attention(x, gamma, mode)
     o, _, y = _backend_ops(name).cam_forward(x.flatten(2), gamma, mode)

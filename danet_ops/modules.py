@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validate
+from . import _contract, _validate
 from .functional import channel_attention, position_attention
 
 
@@ -55,8 +55,8 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, mode="original", backend="auto", in_channels=None):
         super().__init__()
-        if mode not in _validate.CAM_MODES:
-            raise ValueError(f"mode must be one of {_validate.CAM_MODES}; got {mode!r}")
+        if mode not in _contract.CAM_MODES:
+            raise ValueError(f"mode must be one of {_contract.CAM_MODES}; got {mode!r}")
         self.mode = mode
         self.backend = backend
         self.chanel_in = in_channels  # optional, informative only (released attribute name)
