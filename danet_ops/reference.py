@@ -12,8 +12,7 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0):
     E = scale * q^T k [B, Nq, Nk], softmax over the Nk keys, O = v A^T [B, Cv, *Sq];
     returns gamma*O + x or O. scale = 1 and Sk = Sq is the released PAM_Module exactly.
     """
-    B, Cq = q.shape[:2]
-    Cv = v.shape[1]
+    B, Cv = q.shape[0], v.shape[1]
     proj_query = q.flatten(2).permute(0, 2, 1)            # [B, Nq, Cq]
     proj_key = k.flatten(2)                                # [B, Cq, Nk]
     energy = torch.bmm(proj_query, proj_key)                       # [B, Nq, Nk]
@@ -29,7 +28,6 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0):
 
 def channel_attention(x, gamma=None, mode="original"):
     """x: [B, C, *S]; mode "original": softmax(rowmax(E) - E), "paper": softmax(E)."""
-    B, C = x.shape[:2]
     proj_query = x.flatten(2)                               # [B, C, N]
     proj_key = proj_query.permute(0, 2, 1)                         # [B, N, C]
     energy = torch.bmm(proj_query, proj_key)                       # [B, C, C]
