@@ -1,9 +1,12 @@
 """Which backend runs a call: availability, "auto", and the DANET_OPS_BACKEND override.
 
-"auto" picks, for the tensor's device (SPEC §3), the fastest backend measured by
-benchmarks/ (numbers in README "Results"):
+"auto" picks, for the tensor's device (SPEC §3), the first available backend of an order:
   CPU tensors  -> "cpu" (fused C++), else "reference"
+      (measured: benchmarks/results/, README "Results": the fused C++ ops beat the reference)
   CUDA tensors -> "triton", else "cuda", else "reference"
+      (PROVISIONAL, not measured: no GPU has run these kernels yet. Triton comes first because
+      it autotunes per GPU; the order is to be set from the numbers of scripts/gpu_check.sh,
+      docs/benchmarks.md. DANET_OPS_BACKEND or an explicit backend= overrides it.)
 """
 import os
 
