@@ -101,7 +101,8 @@ def build_model(cfg, nclass):
     """DANet from a training config dict (see models.train)."""
     return DANet(nclass, backbone=cfg["backbone"], aux=cfg["aux"], deep_stem=cfg["deep_stem"],
                  stem_width=cfg["stem_width"], multi_grid=cfg["multi_grid"],
-                 align_corners=cfg["align_corners"], attention_backend=cfg["attention_backend"])
+                 align_corners=cfg["align_corners"], attention_backend=cfg["attention_backend"],
+                 scale_attention=cfg.get("scale_attention"))
 
 
 def build_model_from_checkpoint(path, map_location="cpu"):

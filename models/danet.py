@@ -135,10 +135,12 @@ class DANetHead(nn.Module):
         self.conv7 = _classifier(inter, nclass)
         self.conv8 = _classifier(inter, nclass)
 
-    def forward(self, x):
+    def forward(self, x, return_features=False):
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
         sc_conv = self.conv52(self.sc(self.conv5c(x)))
-        return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+        feat = sa_conv + sc_conv
+        outs = self.conv8(feat), self.conv6(sa_conv), self.conv7(sc_conv)
+        return (*outs, feat) if return_features else outs
 
 
 class FCNHead(nn.Module):
@@ -159,11 +161,20 @@ class DANet(nn.Module):
     ``forward(x)`` returns the logits ``(fused, pam_only, cam_only)``, each ``[B, nclass, H, W]``
     (bilinearly upsampled to the input size); with ``aux=True`` and in training mode the FCN
     auxiliary logits on layer3 are appended as a fourth output.
+
+    ``scale_attention=(1.0, 0.75, 0.5)`` adds Attention to Scale (Chen et al., CVPR 2016): the
+    shared network runs on the input resized by each scale; a small head (``scale_attn``: 3x3
+    conv, ReLU, 1x1 conv to one channel per scale) on the concatenated last head features
+    (``conv51 + conv52``), all resized to the largest scale's feature map, gives per-pixel softmax
+    weights over the scales; every output above is then the weighted sum of the scales' logits
+    (resized to that same map, then upsampled to the input size). In training mode each scale's
+    own fused logits follow as extra outputs (for the extra supervision of the paper), in the
+    order of the scales. A single scale of 1 is plain DANet.
     """
 
     def __init__(self, nclass, backbone="resnet50", aux=False, deep_stem=False, stem_width=64,
                  multi_grid=False, multi_dilation=(4, 8, 16), norm_layer=nn.BatchNorm2d,
-                 align_corners=True, attention_backend="auto"):
+                 align_corners=True, attention_backend="auto", scale_attention=None):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -174,13 +185,64 @@ class DANet(nn.Module):
         c3, c4 = self.pretrained.out_channels[2:]
         self.head = DANetHead(c4, nclass, norm_layer, backend=attention_backend)
         self.auxlayer = FCNHead(c3, nclass, norm_layer) if aux else None
+        self.scales = (1.0,)
+        self.scale_attn = None
+        if scale_attention is not None:
+            self.set_scales(scale_attention, _init=True)
+            if len(self.scales) > 1:
+                inter = c4 // 4  # the head's feature width (512 for ResNet-50/101, as in the paper's head)
+                self.scale_attn = nn.Sequential(
+                    nn.Conv2d(len(self.scales) * inter, inter, 3, padding=1), nn.ReLU(inplace=True),
+                    nn.Conv2d(inter, len(self.scales), 1))
+
+    def set_scales(self, scales, _init=False):
+        """Change the input scales of scale attention (as many as the model was built with)."""
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not s > 0 for s in scales):
+            raise ValueError(f"scale_attention needs positive scales, got {scales}")
+        if not _init and len(scales) != len(self.scales):
+            raise ValueError(f"this model was built for {len(self.scales)} scales {self.scales}, got {scales}")
+        self.scales = scales
+
+    def _up(self, t, size):
+        return t if t.shape[-2:] == tuple(size) else \
+            F.interpolate(t, size, mode="bilinear", align_corners=self.align_corners)
+
+    def _single(self, x, features=False):
+        """Logits at feature resolution [fused, pam, cam(, aux in training)] (and the last head features)."""
+        _, _, c3, c4 = self.pretrained(x)
+        *outs, feat = self.head(c4, return_features=True)
+        if self.auxlayer is not None and self.training:
+            outs.append(self.auxlayer(c3))
+        return (outs, feat) if features else outs
+
+    def scale_forward(self, x):
+        """Attention to Scale at feature resolution: ``{"outputs": merged logits [fused, pam, cam(,
+        aux)], "weights": [B, S, h, w] softmax over the scales, "scale_logits": each scale's fused
+        logits}``, all at the largest scale's feature size ``h x w``."""
+        H, W = x.shape[-2:]
+        runs = []
+        for s in self.scales:
+            xs = x if s == 1 else F.interpolate(x, (max(1, round(H * s)), max(1, round(W * s))),
+                                                mode="bilinear", align_corners=self.align_corners)
+            runs.append(self._single(xs, features=True))
+        ref = runs[max(range(len(self.scales)), key=lambda i: self.scales[i])][1].shape[-2:]
+        if self.scale_attn is None:  # one scale: weight 1
+            weights = x.new_ones(x.shape[0], 1, *ref)
+        else:
+            feats = torch.cat([self._up(feat, ref) for _, feat in runs], 1)
+            weights = self.scale_attn(feats).float().softmax(1)
+        merged = [sum(weights[:, i:i + 1] * self._up(outs[k], ref) for i, (outs, _) in enumerate(runs))
+                  for k in range(len(runs[0][0]))]
+        return {"outputs": merged, "weights": weights, "scale_logits": [self._up(outs[0], ref) for outs, _ in runs]}
 
     def forward(self, x):
         size = x.shape[-2:]
-        _, _, c3, c4 = self.pretrained(x)
-        outs = list(self.head(c4))
-        if self.auxlayer is not None and self.training:
-            outs.append(self.auxlayer(c3))
+        if self.scales == (1.0,):
+            outs = self._single(x)
+        else:
+            r = self.scale_forward(x)
+            outs = r["outputs"] + (r["scale_logits"] if self.training and len(self.scales) > 1 else [])
         return tuple(F.interpolate(o, size, mode="bilinear", align_corners=self.align_corners) for o in outs)
 
     def param_groups(self):

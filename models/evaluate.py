@@ -1,5 +1,5 @@
-"""Evaluation: mIoU and pixel accuracy from a confusion matrix, with whole-image or
-sliding-window inference, multi-scale and flip; colour-coded prediction PNGs.
+"""Evaluation: mIoU, mAcc and aAcc (mmsegmentation's metrics) from a confusion matrix, with
+whole-image or sliding-window inference, multi-scale and flip; colour-coded prediction PNGs.
 
     python -m models.evaluate --checkpoint runs/demo/checkpoint.pth
     python -m models.evaluate --checkpoint ckpt.pth --mode slide --crop-size 768 \\
@@ -22,25 +22,42 @@ def confusion_matrix(pred, target, nclass, ignore_index=IGNORE_INDEX):
     return torch.bincount(idx, minlength=nclass * nclass).reshape(nclass, nclass)
 
 
-def scores(conf):
-    """(per-class IoU with NaN for classes absent from both prediction and ground truth, mIoU, pixel accuracy)."""
+def metrics(conf):
+    """mmsegmentation's metrics of a confusion matrix (rows = ground truth):
+
+    - ``IoU`` [nclass]: tp / (gt + pred - tp), NaN for a class absent from both ground truth and prediction;
+    - ``Acc`` [nclass]: tp / gt (per-class recall), NaN for a class absent from the ground truth;
+    - ``mIoU``, ``mAcc``: their means over the classes that are not NaN;
+    - ``aAcc``: all correctly labelled pixels / all labelled pixels.
+    """
     conf = conf.double()
     tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = tp / union  # 0/0 = NaN: the class is not in the evaluation
-    return iou, float(iou.nanmean()), float(tp.sum() / conf.sum().clamp(min=1))
+    gt, pred = conf.sum(1), conf.sum(0)
+    iou = tp / (gt + pred - tp)  # 0/0 = NaN: the class is not in the evaluation
+    acc = tp / gt
+    return {"IoU": iou, "Acc": acc, "mIoU": float(iou.nanmean()), "mAcc": float(acc.nanmean()),
+            "aAcc": float(tp.sum() / conf.sum().clamp(min=1))}
+
+
+def scores(conf):
+    """(per-class IoU, mIoU, aAcc): the short form of ``metrics``."""
+    m = metrics(conf)
+    return m["IoU"], m["mIoU"], m["aAcc"]
 
 
 def _whole(model, img):
     return model(img)[0].float().softmax(1)
 
 
-def _slide(model, img, nclass, crop):
-    """Average the softmax over crop x crop windows at stride 2/3 of the crop (image padded up to the crop)."""
+def _slide(model, img, nclass, crop, stride=None):
+    """Average the softmax over crop x crop windows at ``stride`` (default 2/3 of the crop; the
+    last window of a row or column is aligned with the edge), the image padded up to the crop."""
     H, W = img.shape[-2:]
     img = F.pad(img, (0, max(crop - W, 0), 0, max(crop - H, 0)))
     Hp, Wp = img.shape[-2:]
-    stride = max(1, crop * 2 // 3)
+    stride = stride or max(1, crop * 2 // 3)
+    if not 1 <= stride <= crop:
+        raise ValueError(f"slide stride must be in [1, crop size {crop}], got {stride}")
 
     def starts(n):
         s = list(range(0, n - crop + 1, stride))
@@ -56,14 +73,15 @@ def _slide(model, img, nclass, crop):
 
 
 @torch.no_grad()
-def predict(model, img, nclass, mode="whole", crop_size=None, scales=(1.0,), flip=False, align_corners=True):
+def predict(model, img, nclass, mode="whole", crop_size=None, scales=(1.0,), flip=False, align_corners=True,
+            stride=None):
     """Summed class probabilities [B, nclass, H, W] of a normalised image batch over scales (and flips)."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and not crop_size:
         raise ValueError("sliding-window inference needs crop_size")
     H, W = img.shape[-2:]
-    infer = _whole if mode == "whole" else (lambda m, x: _slide(m, x, nclass, crop_size))
+    infer = _whole if mode == "whole" else (lambda m, x: _slide(m, x, nclass, crop_size, stride))
     total = 0
     for s in scales:
         x = img if s == 1 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=align_corners)
@@ -104,11 +122,18 @@ def save_visual(path, img, label, pred, nclass):
     Image.fromarray(torch.cat([rgb, colour(label), colour(pred)], dim=1).numpy()).save(path)
 
 
-def format_table(iou, class_names=None):
-    names = class_names or [str(i) for i in range(len(iou))]
+def format_table(res, class_names=None):
+    """The per-class table (class name, IoU, Acc) of ``metrics()``'s result (or of a bare IoU tensor)."""
+    iou, acc = (res["IoU"], res["Acc"]) if isinstance(res, dict) else (res, None)
+    names = list(class_names or [str(i) for i in range(len(iou))])
     width = max(len("class"), *(len(n) for n in names))
-    rows = [f"{'class':<{width}}  IoU"]
-    rows += [f"{n:<{width}}  {'  n/a' if torch.isnan(v) else f'{float(v):.4f}'}" for n, v in zip(names, iou)]
+
+    def cell(v):
+        return "   n/a" if torch.isnan(v) else f"{float(v):.4f}"
+
+    rows = [f"{'class':<{width}}  IoU   " + ("  Acc" if acc is not None else "")]
+    for i, n in enumerate(names):
+        rows.append(f"{n:<{width}}  {cell(iou[i])}" + (f"  {cell(acc[i])}" if acc is not None else ""))
     return "\n".join(rows)
 
 
@@ -146,6 +171,10 @@ def main(argv=None):
     p.add_argument("--split", default="val")
     p.add_argument("--mode", choices=("whole", "slide"), default="whole")
     p.add_argument("--crop-size", type=int, help="window of --mode slide (default: the training crop)")
+    p.add_argument("--slide-stride", type=int, help="window stride of --mode slide (default 2/3 of the crop)")
+    p.add_argument("--scale-attention", type=float, nargs="+", metavar="SCALE",
+                   help="input scales of a model trained with --scale-attention (default: the training ones; "
+                        "as many as it was trained with)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0])
     p.add_argument("--flip", action="store_true")
     p.add_argument("--vis-dir", help="write colour-coded predictions here")
@@ -154,17 +183,19 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model, cfg = build_model_from_checkpoint(args.checkpoint, map_location=args.device)
+    if args.scale_attention:
+        model.set_scales(args.scale_attention)
     cfg = {**cfg, **{k: v for k, v in (("dataset", args.dataset), ("data_root", args.data_root)) if v}}
     dataset = build_dataset(cfg, args.split)
     conf = evaluate(model, dataset, model.nclass, torch.device(args.device), vis_dir=args.vis_dir,
                     num_vis=args.num_vis if args.vis_dir else 0, mode=args.mode,
-                    crop_size=args.crop_size or cfg["crop_size"], scales=args.scales, flip=args.flip,
-                    align_corners=model.align_corners)
-    iou, miou, acc = scores(conf)
-    print(format_table(iou, getattr(dataset, "classes", None)))
-    print(f"pixel accuracy: {acc:.4f}")
-    print(f"mIoU: {miou:.4f}")
-    return miou
+                    crop_size=args.crop_size or cfg["crop_size"], stride=args.slide_stride, scales=args.scales,
+                    flip=args.flip, align_corners=model.align_corners)
+    res = metrics(conf)
+    print(format_table(res, getattr(dataset, "classes", None)))
+    print(f"mAcc: {res['mAcc']:.4f}  aAcc: {res['aAcc']:.4f}")
+    print(f"mIoU: {res['mIoU']:.4f}")
+    return res["mIoU"]
 
 
 if __name__ == "__main__":

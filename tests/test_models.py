@@ -205,3 +205,47 @@ def test_checkpoint_errors(tmp_path):
         build_model_from_checkpoint(str(tmp_path / "other.pth"))
     with pytest.raises(ValueError, match="unknown backbone"):
         DANet(3, "resnet18")
+
+
+def test_scale_attention_weights_merge_and_gradients():
+    """Attention to Scale: per-pixel softmax weights over the scales, fused logits = their weighted
+    sum of the scales' logits, and the attention head is trained through the fused loss."""
+    torch.manual_seed(0)
+    model = DANet(6, "mini", aux=True, scale_attention=(1.0, 0.75, 0.5)).train()
+    x = torch.randn(2, 3, 40, 40)
+    r = model.scale_forward(x)
+    w = r["weights"]
+    assert w.shape == (2, 3, 5, 5) and (w > 0).all()  # at the largest scale's feature size (40 / 8)
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 5, 5), rtol=0, atol=1e-6)  # fp32 softmax: rounding only
+    merged = sum(w[:, i:i + 1] * r["scale_logits"][i] for i in range(3))
+    torch.testing.assert_close(r["outputs"][0], merged, rtol=0, atol=0)
+    assert len(r["outputs"]) == 4  # fused, PAM, CAM, aux: all merged with the same weights
+
+    outs = model(x)  # training: fused, PAM, CAM, aux, then each scale's own logits
+    assert len(outs) == 7 and all(o.shape == (2, 6, 40, 40) for o in outs)
+    label = torch.randint(0, 6, (2, 40, 40))
+    F.cross_entropy(outs[0], label).backward()
+    for p in model.scale_attn.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert model.head.conv8[1].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert len(model(x)) == 3
+    with pytest.raises(ValueError, match="built for 3 scales"):
+        model.set_scales((1.0, 0.5))
+    model.set_scales((1.0, 0.5, 0.25))  # other test-time scales, as many as trained
+    with torch.no_grad():
+        assert model(x)[0].shape == (2, 6, 40, 40)
+
+
+def test_single_scale_attention_is_plain_danet():
+    torch.manual_seed(0)
+    plain = DANet(6, "mini", aux=True).eval()
+    single = DANet(6, "mini", aux=True, scale_attention=(1.0,)).eval()
+    single.load_state_dict(plain.state_dict())  # strict: one scale adds no parameters
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        for a, b in zip(plain(x), single(x), strict=True):
+            assert torch.equal(a, b)
+        # and a weight of exactly 1 on the one scale
+        assert torch.equal(single.scale_forward(x)["weights"], torch.ones(1, 1, 6, 5))
