@@ -179,6 +179,9 @@ def main(argv=None):
     p.add_argument("--flip", action="store_true")
     p.add_argument("--vis-dir", help="write colour-coded predictions here")
     p.add_argument("--num-vis", type=int, default=8)
+    p.add_argument("--vis-attention", metavar="DIR",
+                   help="write, for a few query pixels of the first --num-vis images, the image with the query "
+                        "marked and its PAM attention as a heat map (danet_ops.attention_map: no NxN memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -187,6 +190,10 @@ def main(argv=None):
         model.set_scales(args.scale_attention)
     cfg = {**cfg, **{k: v for k, v in (("dataset", args.dataset), ("data_root", args.data_root)) if v}}
     dataset = build_dataset(cfg, args.split)
+    if args.vis_attention:
+        from .vis_attention import visualise
+        paths = visualise(model, dataset, args.vis_attention, num_images=args.num_vis, device=args.device)
+        print(f"attention maps: {len(paths)} PNGs in {args.vis_attention}")
     conf = evaluate(model, dataset, model.nclass, torch.device(args.device), vis_dir=args.vis_dir,
                     num_vis=args.num_vis if args.vis_dir else 0, mode=args.mode,
                     crop_size=args.crop_size or cfg["crop_size"], stride=args.slide_stride, scales=args.scales,

@@ -39,3 +39,14 @@ def test_visualise_writes_pngs(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_vis_attention_flag(tmp_path):
+    from models import evaluate as ev
+    from models import train as tr
+    tr.train(tr.parse_config(("--backbone mini --synthetic-size 48 --crop-size 48 --synthetic-train-size 4 "
+                              "--synthetic-val-size 2 --batch-size 2 --iters 2 --no-progress --out-dir").split()
+                             + [str(tmp_path / "run")]))
+    ev.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--vis-attention",
+             str(tmp_path / "att"), "--num-vis", "2"])
+    assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["attention_00000.png", "attention_00001.png"]
