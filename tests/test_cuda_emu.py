@@ -103,23 +103,26 @@ def _id(c):
     return "-".join(str(x).replace("torch.", "") for x in c)
 
 
-def run_pam(dt, B, Cq, Cv, N, lay, tf32, residual, seed=0):
+def run_pam(dt, B, Cq, Cv, N, lay, tf32, residual, seed=0, Nk=None, scale=1.0):
+    """N: the queries' positions; Nk: the keys'/values' (default N); E = scale * q^T k."""
+    Nk = N if Nk is None else Nk
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, k = (layout((rnd(B, Cq, N) * 0.5).to(dt), lay) for _ in range(2))
-    v = layout(rnd(B, Cv, N).to(dt), lay)
+    q = layout((rnd(B, Cq, N) * 0.5).to(dt), lay)
+    k = layout((rnd(B, Cq, Nk) * 0.5).to(dt), lay)
+    v = layout(rnd(B, Cv, Nk).to(dt), lay)
     x = rnd(B, Cv, N) if residual else None
     gamma = torch.tensor([0.7]) if residual else None
-    o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=tf32)
+    o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=tf32, scale=scale)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     xd = x.double().requires_grad_() if residual else None
     gd = gamma.double().requires_grad_() if residual else None
-    O, L, Y = E.ref_pam(qd, kd, vd, xd, gd)
+    O, L, Y = E.ref_pam(qd, kd, vd, xd, gd, scale)
     out = Y if residual else O
     # dy: dense, or stride-0 (an expanded scalar, as from .sum()) without residual and even N
     dy = rnd(*out.shape) if residual or N % 2 else rnd(1).expand(out.shape)
     out.backward(dy.double())
-    dq, dk, dv, dg = E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=tf32)
+    dq, dk, dv, dg = E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=tf32, scale=scale)
     res = dict(o=rel(o, O), lse=rel(lse, L), dq=rel(dq, qd.grad), dk=rel(dk, kd.grad),
                dv=rel(dv, vd.grad))
     if residual:
@@ -144,6 +147,43 @@ def test_pam_matches_fp64(emu, case):
     check(res, TOL["tf32" if case[6] else case[0]], f"PAM {_id(case)}")
     if case[0] != F32 or case[6]:  # tensor-core paths really went through emulated ldmatrix/mma
         assert emu.emu_collectives() > before
+
+
+# ------------------------------------------------------------------- PAM, general op (issue 14)
+# E = scale * q^T k with keys/values of their own length Nk; kernel tiles are 64 positions, so
+# Nk = 1, Nk < 64 < Nq, Nq < 64 < Nk and ragged both ways are covered, in each engine.
+# (dtype, B, Cq, Cv, Nq, Nk, layout, tf32, residual, scale)
+PAM_GENERAL_CASES = [
+    (F32, 1, 8, 20, 70, 17, "c", False, True, 8 ** -0.5),     # Nk < Nq (pooled keys), fp32 SIMT
+    (F32, 1, 20, 70, 40, 129, "c", True, False, 0.3),         # Nk > Nq: three key tiles, TF32
+    (F16, 2, 16, 24, 100, 1, "cl", False, True, 2.0),         # Nk = 1, channels_last mma path
+    (BF16, 1, 72, 130, 65, 25, "c", False, True, 72 ** -0.5),  # Cq chunks, Cv split, Nk < 64 < Nq
+    (F16, 1, 130, 40, 30, 70, "c", False, True, -0.25),       # Cq > 128 dQ/dK split, negative scale
+    (BF16, 1, 33, 9, 1, 67, "slice", False, False, 0.5),      # Nq = 1, odd strides
+    (F32, 1, 9, 17, 50, 98, "padN", False, True, 1.0),        # scale 1, NaN padding past Nq / Nk
+]
+
+
+@pytest.mark.parametrize("case", PAM_GENERAL_CASES, ids=_id)
+def test_pam_general_matches_fp64(emu, case):
+    dt, B, Cq, Cv, Nq, Nk, lay, tf32, residual, scale = case
+    res = run_pam(dt, B, Cq, Cv, Nq, lay, tf32, residual, Nk=Nk, scale=scale)
+    check(res, TOL["tf32" if tf32 else dt], f"PAM general {_id(case)}")
+
+
+def test_pam_general_single_key_is_exact(emu):
+    """Nk = 1: the one weight is exactly 1 whatever the scale: o == v broadcast over the Nq
+    queries, lse == scale * q.k (fp32), dq == dk == 0 and dv == the sum of dy over the queries."""
+    q = torch.tensor([[[0.5, 1.0, -2.0], [-1.25, 0.25, 3.0]]])
+    k = torch.tensor([[[2.0], [0.75]]])
+    v = torch.tensor([[[3.0], [-7.5], [0.125]]])
+    o, lse, _ = E.pam_forward(q, k, v, scale=0.5)
+    assert torch.equal(o, v.expand(1, 3, 3))
+    assert torch.equal(lse, 0.5 * (q * k).sum(1))
+    dy = torch.tensor([[[1.0, 2.0, 4.0]] * 3])
+    dq, dk, dv, _ = E.pam_backward(dy, q, k, v, o, lse, scale=0.5)
+    assert dq.abs().max() == 0 and dk.abs().max() == 0
+    assert torch.equal(dv, torch.full((1, 3, 1), 7.0))
 
 
 # ------------------------------------------------------------------------------------- CAM

@@ -30,37 +30,41 @@ struct View3 {
 };
 
 // ---------------------------------------------------------------- PAM ----
-// E = q^T k (no scaling), A = softmax_j(E[i, :]), O[c, i] = sum_j v[c, j] A[i, j], y = gamma*O + x.
+// E = scale * q^T k (DANet: scale = 1), A = softmax_j(E[i, :]), O[c, i] = sum_j v[c, j] A[i, j],
+// y = gamma*O + x. Queries have Nq positions, keys/values their own Nk (pooled, regions, ...).
 struct PamForwardParams {
-  int64_t B = 0, Cq = 0, Cv = 0, N = 0;  // sizes; 1 <= Cq <= 256, 1 <= Cv
-  View3 q;                // [B, Cq, N], dtype `dtype`
-  View3 k;                // [B, Cq, N], dtype `dtype`
-  View3 v;                // [B, Cv, N], dtype `dtype`
-  View3 x;                // [B, Cv, N], any of the 3 dtypes; data == nullptr: no y
+  int64_t B = 0, Cq = 0, Cv = 0, Nq = 0, Nk = 0;  // sizes; 1 <= Cq <= 256, 1 <= Cv; Nk >= 1 if Nq >= 1
+  double scale = 1.0;     // E = scale * q^T k (1.0: bit for bit the scale-less kernels)
+  View3 q;                // [B, Cq, Nq], dtype `dtype`
+  View3 k;                // [B, Cq, Nk], dtype `dtype`
+  View3 v;                // [B, Cv, Nk], dtype `dtype`
+  View3 x;                // [B, Cv, Nq], any of the 3 dtypes; data == nullptr: no y
   const float* gamma = nullptr;  // [1] fp32 on the device; nullptr: no y
-  void* o = nullptr;      // out [B, Cv, N] contiguous, dtype `dtype`
-  float* lse = nullptr;   // out [B, N] contiguous fp32, natural-log log-sum-exp of E[i, :]
-  void* y = nullptr;      // out [B, Cv, N] contiguous, dtype `y_dtype` (only with x and gamma)
+  void* o = nullptr;      // out [B, Cv, Nq] contiguous, dtype `dtype`
+  float* lse = nullptr;   // out [B, Nq] contiguous fp32, natural-log log-sum-exp of E[i, :]
+  void* y = nullptr;      // out [B, Cv, Nq] contiguous, dtype `y_dtype` (only with x and gamma)
   DType dtype = DType::kFloat32;    // of q, k, v, o
   DType y_dtype = DType::kFloat32;  // of y
   bool allow_tf32 = false;          // fp32 only: TF32 tensor cores instead of the SIMT path
 };
 
 // dO = gamma*dy (dy if no gamma); Delta_i = sum_c dO[c,i] O[c,i];
-// dv = P^T dO, dS = P*(dO^T v - Delta), dq = dS k^T, dk = dS^T q, dgamma = sum dy*O.
+// dv = P^T dO, dS = scale*P*(dO^T v - Delta) (scale applied once, to dq and dk),
+// dq = dS k^T, dk = dS^T q, dgamma = sum dy*O.
 struct PamBackwardParams {
-  int64_t B = 0, Cq = 0, Cv = 0, N = 0;  // sizes as in the forward
-  View3 dy;        // [B, Cv, N] gradient of the forward result, any of the 3 dtypes
-  View3 dy_mma;    // [B, Cv, N] the same values in dtype `dtype` (may alias dy)
-  View3 q;         // [B, Cq, N], dtype `dtype`
-  View3 k;         // [B, Cq, N], dtype `dtype`
-  View3 v;         // [B, Cv, N], dtype `dtype`
-  View3 o;         // [B, Cv, N] forward output O, any of the 3 dtypes
-  const float* lse = nullptr;    // [B, N] contiguous fp32 from the forward
+  int64_t B = 0, Cq = 0, Cv = 0, Nq = 0, Nk = 0;  // sizes as in the forward
+  double scale = 1.0;  // the forward's scale
+  View3 dy;        // [B, Cv, Nq] gradient of the forward result, any of the 3 dtypes
+  View3 dy_mma;    // [B, Cv, Nq] the same values in dtype `dtype` (may alias dy)
+  View3 q;         // [B, Cq, Nq], dtype `dtype`
+  View3 k;         // [B, Cq, Nk], dtype `dtype`
+  View3 v;         // [B, Cv, Nk], dtype `dtype`
+  View3 o;         // [B, Cv, Nq] forward output O, any of the 3 dtypes
+  const float* lse = nullptr;    // [B, Nq] contiguous fp32 from the forward
   const float* gamma = nullptr;  // [1] fp32 on the device; nullptr: dO = dy, no dgamma
-  void* dq = nullptr;            // out [B, Cq, N] contiguous, dtype `dtype`
-  void* dk = nullptr;            // out [B, Cq, N] contiguous, dtype `dtype`
-  void* dv = nullptr;            // out [B, Cv, N] contiguous, dtype `dtype`
+  void* dq = nullptr;            // out [B, Cq, Nq] contiguous, dtype `dtype`
+  void* dk = nullptr;            // out [B, Cq, Nk] contiguous, dtype `dtype`
+  void* dv = nullptr;            // out [B, Cv, Nk] contiguous, dtype `dtype`
   float* dgamma = nullptr;       // out [1] fp32 (written only when gamma != nullptr)
   void* workspace = nullptr;     // pam_backward_workspace_bytes(...) bytes, 256-aligned
   DType dtype = DType::kFloat32;

@@ -1,8 +1,11 @@
 // Position attention (PAM) forward and backward, torch-free CUDA (sm_80+).
 //
-//   E[i, j] = sum_c q[c, i] k[c, j]            (no 1/sqrt(d) scaling)
+//   E[i, j] = scale * sum_c q[c, i] k[c, j]    (DANet: scale = 1, no 1/sqrt(d) scaling)
 //   A[i, :] = softmax_j E[i, :]                O[c, i] = sum_j v[c, j] A[i, j]
 //   y       = gamma * O + x
+// Queries i < Nq, keys/values j < Nk (their own number of positions). Each kernel sees "rows"
+// (its blocks) and "columns" (its loop), with their own counts Nr / Nc. The logits are scaled
+// by sl2 = scale*log2(e) (exactly kLog2e for scale = 1) and dq / dk by scale once at the store.
 // Forward (FlashAttention-2 style): one block = 64 query rows x CVT value channels; it streams
 // the keys in blocks of 64 and keeps an online softmax in the log2 domain (E*log2(e), exp2),
 // so nothing of size N x N exists. Large Cv is split over gridDim.y; each split recomputes the
@@ -12,7 +15,8 @@
 //   dV kernel : block per (64 keys, CVT channels), loop over query blocks: dv = gamma * P^T dy
 //   dK kernel : block per 64 keys,    loop over query blocks: dk = dS^T q
 //   dQ kernel : block per 64 queries, loop over key blocks:   dq = dS k
-//   with P = exp2(E*log2e - lse*log2e), dP = gamma * dy^T v (all Cv, streamed), dS = P*(dP - Delta).
+//   with P = exp2(S*sl2 - lse*log2e) (S = q^T k), dP = gamma * dy^T v (all Cv, streamed),
+//   dS = P*(dP - Delta); dq, dk = scale * (dS k, dS^T q).
 //
 // Pipeline: every kernel runs a flat sequence of "steps"; a step consumes one stage of two
 // 64x64 smem tiles (sA, sB) filled by cp.async two steps earlier (run_pipeline: 3 stages, the
@@ -33,30 +37,33 @@ using namespace dev;
 
 // pam_pv_kernel: forward (DV = false) or dV (DV = true).
 struct PvArgs {
-  Operand r;             // rows operand  [B, Cq, N]: q (forward) | k (dV)
-  Operand c;             // cols operand  [B, Cq, N]: k (forward) | q (dV)
-  Operand val;           // value operand [B, Cv, N]: v (forward) | dy (dV)
-  const float* lse;      // dV: [B, N] forward log-sum-exp, indexed by query (= column)
+  Operand r;             // rows operand  [B, Cq, Nr]: q (forward) | k (dV)
+  Operand c;             // cols operand  [B, Cq, Nc]: k (forward) | q (dV)
+  Operand val;           // value operand [B, Cv, Nc]: v (forward) | dy (dV)
+  const float* lse;      // dV: [B, Nc] forward log-sum-exp, indexed by query (= column)
   const float* gamma;    // [1] or nullptr (dV: dv = gamma * P^T dy; forward: y = gamma*O + x)
-  void* out;             // [B, Cv, N] contiguous, dtype T: o (forward) | dv
-  float* lse_out;        // forward: [B, N] natural-log lse of each query row
-  View3 x;               // forward: [B, Cv, N] residual (data == nullptr: no y)
-  void* y;               // forward: [B, Cv, N] contiguous, dtype y_dtype
+  void* out;             // [B, Cv, Nr] contiguous, dtype T: o (forward) | dv
+  float* lse_out;        // forward: [B, Nr] natural-log lse of each query row
+  View3 x;               // forward: [B, Cv, Nr] residual (data == nullptr: no y)
+  void* y;               // forward: [B, Cv, Nr] contiguous, dtype y_dtype
   DType y_dtype;
-  int64_t Cq, Cv, N;     // sizes
+  int64_t Cq, Cv, Nr, Nc;  // sizes: rows = queries (forward) | keys (dV)
+  float sl2;             // scale * log2(e): logits in the log2 domain
 };
 
 // pam_dqk_kernel: dQ (DQ = true) or dK (DQ = false).
 struct DqkArgs {
-  Operand r;             // rows operand [B, Cq, N]: q (dQ) | k (dK)
-  Operand c;             // cols operand [B, Cq, N]: k (dQ) | q (dK)
-  Operand rv;            // [B, Cv, N], dP partner of the rows: dy (dQ) | v (dK)
-  Operand cv;            // [B, Cv, N], dP partner of the cols: v (dQ) | dy (dK)
-  const float* lse;      // [B, N] forward log-sum-exp (by query)
-  const float* delta;    // [B, N] Delta = gamma * sum_c dy*O (by query)
+  Operand r;             // rows operand [B, Cq, Nr]: q (dQ) | k (dK)
+  Operand c;             // cols operand [B, Cq, Nc]: k (dQ) | q (dK)
+  Operand rv;            // [B, Cv, Nr], dP partner of the rows: dy (dQ) | v (dK)
+  Operand cv;            // [B, Cv, Nc], dP partner of the cols: v (dQ) | dy (dK)
+  const float* lse;      // [B, Nq] forward log-sum-exp (by query)
+  const float* delta;    // [B, Nq] Delta = gamma * sum_c dy*O (by query)
   const float* gamma;    // [1] or nullptr
-  void* out;             // [B, Cq, N] contiguous, dtype T: dq | dk
-  int64_t Cq, Cv, N;     // sizes
+  void* out;             // [B, Cq, Nr] contiguous, dtype T: dq | dk
+  int64_t Cq, Cv, Nr, Nc;  // sizes: rows = queries (dQ) | keys (dK)
+  float sl2;             // scale * log2(e)
+  float scale;           // applied once to the output (1: unchanged)
 };
 
 // Shared-memory plan (bytes) of both kernels: resident rows tile + kStages stages x 2 tiles,
@@ -71,7 +78,7 @@ constexpr size_t pam_smem_bytes() {
 static_assert(128 * kStagePitch * 4 <= kPamTiles * Tile<__half>::kBytes, "epilogue staging fits");
 
 // ----------------------------------------------------------------------------------------
-// Forward / dV.  grid = (ceil(N/64), ceil(Cv/CVT), B), block = 128.
+// Forward / dV.  grid = (ceil(Nr/64), ceil(Cv/CVT), B), block = 128.
 //   forward: rows = queries i, cols = keys j;   acc[i][c] = sum_j softmax(E)[i, j] v[c, j]
 //   dV     : rows = keys j,   cols = queries i; acc[j][c] = sum_i P[i, j] dy[c, i]
 template <class T, bool TF32, int CVT, bool DV>
@@ -87,7 +94,8 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z;
   const int64_t row0 = (int64_t)blockIdx.x * kTile, cv0 = (int64_t)blockIdx.y * CVT;
-  const int64_t Cq = a.Cq, Cv = a.Cv, N = a.N;
+  const int64_t Cq = a.Cq, Cv = a.Cv, Nr = a.Nr, Nc = a.Nc;
+  const float sl2 = a.sl2;
   const T* R = static_cast<const T*>(a.r.p) + b * a.r.sb;
   const T* Cc = static_cast<const T*>(a.c.p) + b * a.c.sb;
   const T* V = static_cast<const T*>(a.val.p) + b * a.val.sb;
@@ -97,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   const int64_t cv_left = Cv - cv0;
   const int nV = (int)(cv_left < CVT ? (cv_left + kTile - 1) / kTile : NH);  // V-steps
   const int spb = nQ + nV;
-  const int total = (int)((N + kTile - 1) / kTile) * spb;
+  const int total = (int)((Nc + kTile - 1) / kTile) * spb;
 
   auto issue = [&](int step) {
     const int cb = step / spb, u = step - cb * spb;
@@ -105,21 +113,21 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
     T* sA = sStage + 2 * (step % kStages) * TE;
     T* sB = sA + TE;
     if (u < nQ) {
-      if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, N, a.r.vec);
-      load_tile(sB, Cc, a.c.sc, a.c.sn, (int64_t)u * kTile, Cq, j0, N, a.c.vec);
+      if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, Nr, a.r.vec);
+      load_tile(sB, Cc, a.c.sc, a.c.sn, (int64_t)u * kTile, Cq, j0, Nc, a.c.vec);
       if constexpr (DV) {
         if (u == 0 && tid < kTile) {  // plain stores: visible after the consumer's barrier
           const int64_t j = j0 + tid;
-          sStat[(cb & 1) * kTile + tid] = j < N ? a.lse[b * N + j] * kLog2e : INFINITY;
+          sStat[(cb & 1) * kTile + tid] = j < Nc ? a.lse[b * Nc + j] * kLog2e : INFINITY;
         }
       }
     } else {
-      load_tile(sB, V, a.val.sc, a.val.sn, cv0 + (int64_t)(u - nQ) * kTile, Cv, j0, N,
+      load_tile(sB, V, a.val.sc, a.val.sn, cv0 + (int64_t)(u - nQ) * kTile, Cv, j0, Nc,
                 a.val.vec);
     }
   };
 
-  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);  // in group 0
+  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, Nr, a.r.vec);  // in group 0
 
   float s[8][4];       // S (then P) for this warp's 16 rows x the 64 columns of the block
   float acc[NH][8][4];  // output accumulator: 16 rows x CVT channels
@@ -149,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
-              const float v = j < N ? s[nt][e] * kLog2e : -INFINITY;  // ragged keys masked
+              const float v = j < Nc ? s[nt][e] * sl2 : -INFINITY;  // ragged keys masked
               s[nt][e] = v;
               if (e < 2) mx_lo = fmaxf(mx_lo, v); else mx_hi = fmaxf(mx_hi, v);
             }
@@ -184,13 +192,13 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
               acc[h][nt][3] *= al_hi;
             }
         } else {
-          // P[j][i] = exp2(E*log2e - lse_i*log2e); columns past N carry lse = +inf -> 0
+          // P[j][i] = exp2(S*sl2 - lse_i*log2e); columns past Nc carry lse = +inf -> 0
           const float* st = sStat + (cb & 1) * kTile;
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              s[nt][e] = exp2f(s[nt][e] * kLog2e - st[nt * 8 + 2 * t + (e & 1)]);
+              s[nt][e] = exp2f(s[nt][e] * sl2 - st[nt * 8 + 2 * t + (e & 1)]);
         }
         pa.set(s);
       }
@@ -213,8 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
     sc_hi = 1.f / l_hi;
     if (blockIdx.y == 0 && t == 0) {
       const int64_t i_lo = row0 + warp * 16 + g, i_hi = i_lo + 8;
-      if (i_lo < N) a.lse_out[b * N + i_lo] = (m_lo + log2f(l_lo)) * kLn2;
-      if (i_hi < N) a.lse_out[b * N + i_hi] = (m_hi + log2f(l_hi)) * kLn2;
+      if (i_lo < Nr) a.lse_out[b * Nr + i_lo] = (m_lo + log2f(l_lo)) * kLn2;
+      if (i_hi < Nr) a.lse_out[b * Nr + i_hi] = (m_hi + log2f(l_hi)) * kLn2;
     }
   } else {
     sc_lo = sc_hi = gm;
@@ -228,9 +236,9 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
   for (int idx = tid; idx < CVT * kTile; idx += kThreads) {
     const int c = idx / kTile, i = idx % kTile;
     const int64_t gc = cv0 + c, gi = row0 + i;
-    if (gc < Cv && gi < N) {
+    if (gc < Cv && gi < Nr) {
       const T v = from_float<T>(st[c * kStagePitch + i]);
-      const int64_t off = (b * Cv + gc) * N + gi;
+      const int64_t off = (b * Cv + gc) * Nr + gi;
       out[off] = v;
       if (has_y) store_any(a.y, off, a.y_dtype, gm * to_float(v) + load_view(a.x, b, gc, gi));
     }
@@ -238,9 +246,9 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
 }
 
 // ----------------------------------------------------------------------------------------
-// dQ / dK.  grid = (ceil(N/64), ceil(Cq/CQT), B), block = 128.
-//   dQ: rows = queries i, cols = keys j:    out[c][i] = sum_j dS[i, j] k[c, j]
-//   dK: rows = keys j,    cols = queries i: out[c][j] = sum_i dS[i, j] q[c, i]
+// dQ / dK.  grid = (ceil(Nr/64), ceil(Cq/CQT), B), block = 128.
+//   dQ: rows = queries i, cols = keys j:    out[c][i] = scale * sum_j dS[i, j] k[c, j]
+//   dK: rows = keys j,    cols = queries i: out[c][j] = scale * sum_i dS[i, j] q[c, i]
 // dS[i, j] = P[i, j] * (gamma * sum_c dy[c, i] v[c, j] - Delta_i), P from the saved lse.
 // Only the CQT output channels of this block are accumulated; S and dP are recomputed per
 // channel split (one split for Cq <= 64 or <= 128).
@@ -257,7 +265,8 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z;
   const int64_t row0 = (int64_t)blockIdx.x * kTile, co = (int64_t)blockIdx.y * CQT;
-  const int64_t Cq = a.Cq, Cv = a.Cv, N = a.N;
+  const int64_t Cq = a.Cq, Cv = a.Cv, Nr = a.Nr, Nc = a.Nc;
+  const float sl2 = a.sl2;
   const T* R = static_cast<const T*>(a.r.p) + b * a.r.sb;
   const T* Cc = static_cast<const T*>(a.c.p) + b * a.c.sb;
   const T* RV = static_cast<const T*>(a.rv.p) + b * a.rv.sb;
@@ -270,16 +279,16 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
   const int64_t cq_left = Cq - co;
   const int nO = (int)(cq_left < CQT ? (cq_left + kTile - 1) / kTile : NO);
   const int spb = nQ + nV + nO;
-  const int total = (int)((N + kTile - 1) / kTile) * spb;
+  const int total = (int)((Nc + kTile - 1) / kTile) * spb;
 
   // dQ: statistics of the block's own query rows (g and g+8 of this warp), in registers.
   float lr_lo = 0.f, lr_hi = 0.f, dr_lo = 0.f, dr_hi = 0.f;
   if constexpr (DQ) {
     const int64_t i_lo = row0 + warp * 16 + g, i_hi = i_lo + 8;
-    lr_lo = i_lo < N ? a.lse[b * N + i_lo] * kLog2e : INFINITY;
-    lr_hi = i_hi < N ? a.lse[b * N + i_hi] * kLog2e : INFINITY;
-    dr_lo = i_lo < N ? a.delta[b * N + i_lo] : 0.f;
-    dr_hi = i_hi < N ? a.delta[b * N + i_hi] : 0.f;
+    lr_lo = i_lo < Nr ? a.lse[b * Nr + i_lo] * kLog2e : INFINITY;
+    lr_hi = i_hi < Nr ? a.lse[b * Nr + i_hi] * kLog2e : INFINITY;
+    dr_lo = i_lo < Nr ? a.delta[b * Nr + i_lo] : 0.f;
+    dr_hi = i_hi < Nr ? a.delta[b * Nr + i_hi] : 0.f;
   }
 
   auto issue = [&](int step) {
@@ -288,26 +297,26 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
     T* sA = sStage + 2 * (step % kStages) * TE;
     T* sB = sA + TE;
     if (u < nQ) {
-      if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, N, a.r.vec);
-      load_tile(sB, Cc, a.c.sc, a.c.sn, (int64_t)u * kTile, Cq, j0, N, a.c.vec);
+      if (!resident) load_tile(sA, R, a.r.sc, a.r.sn, (int64_t)u * kTile, Cq, row0, Nr, a.r.vec);
+      load_tile(sB, Cc, a.c.sc, a.c.sn, (int64_t)u * kTile, Cq, j0, Nc, a.c.vec);
       if constexpr (!DQ) {
         if (u == 0 && tid < kTile) {  // column (query) statistics for this column block
           const int64_t i = j0 + tid;
           float* st = sStat + (cb & 1) * 2 * kTile;
-          st[tid] = i < N ? a.lse[b * N + i] * kLog2e : INFINITY;
-          st[kTile + tid] = i < N ? a.delta[b * N + i] : 0.f;
+          st[tid] = i < Nc ? a.lse[b * Nc + i] * kLog2e : INFINITY;
+          st[kTile + tid] = i < Nc ? a.delta[b * Nc + i] : 0.f;
         }
       }
     } else if (u < nQ + nV) {
       const int64_t c0 = (int64_t)(u - nQ) * kTile;
-      load_tile(sA, RV, a.rv.sc, a.rv.sn, c0, Cv, row0, N, a.rv.vec);
-      load_tile(sB, CV, a.cv.sc, a.cv.sn, c0, Cv, j0, N, a.cv.vec);
+      load_tile(sA, RV, a.rv.sc, a.rv.sn, c0, Cv, row0, Nr, a.rv.vec);
+      load_tile(sB, CV, a.cv.sc, a.cv.sn, c0, Cv, j0, Nc, a.cv.vec);
     } else {
-      load_tile(sB, Cc, a.c.sc, a.c.sn, co + (int64_t)(u - nQ - nV) * kTile, Cq, j0, N, a.c.vec);
+      load_tile(sB, Cc, a.c.sc, a.c.sn, co + (int64_t)(u - nQ - nV) * kTile, Cq, j0, Nc, a.c.vec);
     }
   };
 
-  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, N, a.r.vec);  // in group 0
+  if (resident) load_tile(sR, R, a.r.sc, a.r.sn, 0, Cq, row0, Nr, a.r.vec);  // in group 0
 
   float s[8][4];        // S, then P (fp32)
   float dp[8][4];       // dP, then dS
@@ -336,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
           for (int e = 0; e < 4; ++e) {
             const int col = nt * 8 + 2 * t + (e & 1);
             const float l2 = DQ ? ((e >> 1) ? lr_hi : lr_lo) : st[col];
-            s[nt][e] = j0 + col < N ? exp2f(s[nt][e] * kLog2e - l2) : 0.f;
+            s[nt][e] = j0 + col < Nc ? exp2f(s[nt][e] * sl2 - l2) : 0.f;
           }
       }
     } else if (u < nQ + nV) {
@@ -368,13 +377,14 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
 
   float* stg = reinterpret_cast<float*>(smem);  // [CQT][kStagePitch]
 #pragma unroll
-  for (int h = 0; h < NO; ++h) stage_acc<true>(stg, kStagePitch, acc[h], warp * 16, h * kTile, 1.f, 1.f);
+  for (int h = 0; h < NO; ++h)
+    stage_acc<true>(stg, kStagePitch, acc[h], warp * 16, h * kTile, a.scale, a.scale);
   __syncthreads();
   T* out = static_cast<T*>(a.out);
   for (int idx = tid; idx < CQT * kTile; idx += kThreads) {
     const int c = idx / kTile, i = idx % kTile;
     const int64_t gc = co + c, gi = row0 + i;
-    if (gc < Cq && gi < N) out[(b * Cq + gc) * N + gi] = from_float<T>(stg[c * kStagePitch + i]);
+    if (gc < Cq && gi < Nr) out[(b * Cq + gc) * Nr + gi] = from_float<T>(stg[c * kStagePitch + i]);
   }
 }
 
@@ -382,12 +392,15 @@ __global__ void __launch_bounds__(kThreads, 1) pam_dqk_kernel(const DqkArgs a) {
 // Launchers
 constexpr int kCVT = 128;  // value channels per forward / dV block
 
+// scale * log2(e) in fp32: exactly kLog2e for scale = 1 (the product is exact in double).
+float scaled_log2e(double scale) { return (float)(scale * (double)kLog2e); }
+
 template <class T, bool TF32>
 cudaError_t pam_forward_impl(const PamForwardParams& p, cudaStream_t stream) {
   PvArgs a{};
-  a.r = make_operand(p.q, p.B, p.Cq, p.N);
-  a.c = make_operand(p.k, p.B, p.Cq, p.N);
-  a.val = make_operand(p.v, p.B, p.Cv, p.N);
+  a.r = make_operand(p.q, p.B, p.Cq, p.Nq);
+  a.c = make_operand(p.k, p.B, p.Cq, p.Nk);
+  a.val = make_operand(p.v, p.B, p.Cv, p.Nk);
   a.lse = nullptr;
   const bool has_y = p.gamma != nullptr && p.x.data != nullptr && p.y != nullptr;
   a.gamma = has_y ? p.gamma : nullptr;
@@ -398,12 +411,14 @@ cudaError_t pam_forward_impl(const PamForwardParams& p, cudaStream_t stream) {
   a.y_dtype = p.y_dtype;
   a.Cq = p.Cq;
   a.Cv = p.Cv;
-  a.N = p.N;
+  a.Nr = p.Nq;
+  a.Nc = p.Nk;
+  a.sl2 = scaled_log2e(p.scale);
   auto kernel = pam_pv_kernel<T, TF32, kCVT, false>;
   const size_t smem = pam_smem_bytes<T>();
   cudaError_t e = prepare_smem(kernel, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid((unsigned)ceil_div(p.N, kTile), (unsigned)ceil_div(p.Cv, kCVT), (unsigned)p.B);
+  const dim3 grid((unsigned)ceil_div(p.Nq, kTile), (unsigned)ceil_div(p.Cv, kCVT), (unsigned)p.B);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
@@ -414,22 +429,22 @@ cudaError_t launch_dqk(const DqkArgs& a, int64_t B, cudaStream_t stream) {
   const size_t smem = pam_smem_bytes<T>();
   cudaError_t e = prepare_smem(kernel, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid((unsigned)ceil_div(a.N, kTile), (unsigned)ceil_div(a.Cq, CQT), (unsigned)B);
+  const dim3 grid((unsigned)ceil_div(a.Nr, kTile), (unsigned)ceil_div(a.Cq, CQT), (unsigned)B);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 struct PamWorkspace {
-  float* delta;    // [B, N]
-  float* partial;  // [B * ceil(N/32)] per-block sums of dy*O
+  float* delta;    // [B, Nq]
+  float* partial;  // [B * ceil(Nq/32)] per-block sums of dy*O
   int64_t n_partial;
 };
 PamWorkspace pam_workspace(const PamBackwardParams& p, void* base) {
   PamWorkspace w{};
-  w.n_partial = p.B * ceil_div(p.N, 32);
+  w.n_partial = p.B * ceil_div(p.Nq, 32);
   char* c = static_cast<char*>(base);
   w.delta = reinterpret_cast<float*>(c);
-  w.partial = reinterpret_cast<float*>(c + align256((size_t)(p.B * p.N) * sizeof(float)));
+  w.partial = reinterpret_cast<float*>(c + align256((size_t)(p.B * p.Nq) * sizeof(float)));
   return w;
 }
 
@@ -438,24 +453,25 @@ cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
   const PamWorkspace w = pam_workspace(p, p.workspace);
   // 1. Delta = gamma * sum_c dy*O from the same dy values the dP products use (dy_mma), so that
   //    dP - Delta cancels consistently; block partials of sum dy*O -> dgamma from the exact dy.
-  const dim3 rgrid((unsigned)ceil_div(p.N, 32), (unsigned)p.B), rblock(32, 8);
+  const dim3 rgrid((unsigned)ceil_div(p.Nq, 32), (unsigned)p.B), rblock(32, 8);
   const bool same_dy = p.dy.data == p.dy_mma.data && p.dy.dtype == p.dy_mma.dtype;
-  dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy_mma, p.o, p.Cv, p.N, p.gamma, w.delta,
+  dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy_mma, p.o, p.Cv, p.Nq, p.gamma, w.delta,
                                                 w.partial);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if (p.gamma != nullptr) {
     if (!same_dy) {
-      dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy, p.o, p.Cv, p.N, nullptr, nullptr,
+      dot_rows_kernel<<<rgrid, rblock, 0, stream>>>(p.dy, p.o, p.Cv, p.Nq, nullptr, nullptr,
                                                     w.partial);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     finalize_sum_kernel<<<1, 256, 0, stream>>>(w.partial, w.n_partial, p.dgamma);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
-  const Operand q = make_operand(p.q, p.B, p.Cq, p.N), k = make_operand(p.k, p.B, p.Cq, p.N);
-  const Operand v = make_operand(p.v, p.B, p.Cv, p.N);
-  const Operand dy = make_operand(p.dy_mma, p.B, p.Cv, p.N);
+  const Operand q = make_operand(p.q, p.B, p.Cq, p.Nq), k = make_operand(p.k, p.B, p.Cq, p.Nk);
+  const Operand v = make_operand(p.v, p.B, p.Cv, p.Nk);
+  const Operand dy = make_operand(p.dy_mma, p.B, p.Cv, p.Nq);
+  const float sl2 = scaled_log2e(p.scale);
   // 2. dv = gamma * P^T dy.
   {
     PvArgs a{};
@@ -467,11 +483,13 @@ cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
     a.out = p.dv;
     a.Cq = p.Cq;
     a.Cv = p.Cv;
-    a.N = p.N;
+    a.Nr = p.Nk;  // rows = keys, columns = queries
+    a.Nc = p.Nq;
+    a.sl2 = sl2;
     auto kernel = pam_pv_kernel<T, TF32, kCVT, true>;
     const size_t smem = pam_smem_bytes<T>();
     if ((e = prepare_smem(kernel, smem)) != cudaSuccess) return e;
-    const dim3 grid((unsigned)ceil_div(p.N, kTile), (unsigned)ceil_div(p.Cv, kCVT), (unsigned)p.B);
+    const dim3 grid((unsigned)ceil_div(p.Nk, kTile), (unsigned)ceil_div(p.Cv, kCVT), (unsigned)p.B);
     kernel<<<grid, kThreads, smem, stream>>>(a);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
@@ -482,9 +500,12 @@ cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
   a.gamma = p.gamma;
   a.Cq = p.Cq;
   a.Cv = p.Cv;
-  a.N = p.N;
+  a.sl2 = sl2;
+  a.scale = (float)p.scale;
   for (int pass = 0; pass < 2; ++pass) {
     const bool dq = pass == 1;
+    a.Nr = dq ? p.Nq : p.Nk;
+    a.Nc = dq ? p.Nk : p.Nq;
     a.r = dq ? q : k;
     a.c = dq ? k : q;
     a.rv = dq ? dy : v;
@@ -501,25 +522,25 @@ cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// B is gridDim.z; N <= 2^26 keeps the flat step counter (column blocks x steps per block,
-// at most 2^20 x 70) in an int.
-bool pam_sizes_ok(int64_t B, int64_t Cq, int64_t Cv, int64_t N) {
-  return B >= 0 && B <= 65535 && Cq >= 1 && Cq <= 256 && Cv >= 1 && Cv <= 4096 && N >= 0 &&
-         N <= ((int64_t)1 << 26);
+// B is gridDim.z; Nq, Nk <= 2^26 keeps the flat step counter (column blocks x steps per block,
+// at most 2^20 x 70) in an int. Nk = 0 with Nq > 0 (softmax over no keys) is the caller's.
+bool pam_sizes_ok(int64_t B, int64_t Cq, int64_t Cv, int64_t Nq, int64_t Nk) {
+  return B >= 0 && B <= 65535 && Cq >= 1 && Cq <= 256 && Cv >= 1 && Cv <= 4096 && Nq >= 0 &&
+         Nq <= ((int64_t)1 << 26) && Nk >= (Nq > 0 ? 1 : 0) && Nk <= ((int64_t)1 << 26);
 }
 
 }  // namespace
 
 size_t pam_backward_workspace_bytes(const PamBackwardParams& p) {
-  return align256((size_t)(p.B * p.N) * sizeof(float)) +
-         align256((size_t)(p.B * ceil_div(p.N, 32)) * sizeof(float));
+  return align256((size_t)(p.B * p.Nq) * sizeof(float)) +
+         align256((size_t)(p.B * ceil_div(p.Nq, 32)) * sizeof(float));
 }
 
 cudaError_t pam_forward(const PamForwardParams& p, cudaStream_t stream) {
-  if (!pam_sizes_ok(p.B, p.Cq, p.Cv, p.N)) return cudaErrorInvalidValue;
+  if (!pam_sizes_ok(p.B, p.Cq, p.Cv, p.Nq, p.Nk)) return cudaErrorInvalidValue;
   if (p.q.dtype != p.dtype || p.k.dtype != p.dtype || p.v.dtype != p.dtype)
     return cudaErrorInvalidValue;
-  if (p.B == 0 || p.N == 0) return cudaSuccess;
+  if (p.B == 0 || p.Nq == 0) return cudaSuccess;
   if (cudaError_t e = require_sm80(); e != cudaSuccess) return e;
   switch (p.dtype) {
     case DType::kFloat16: return pam_forward_impl<__half, false>(p, stream);
@@ -531,11 +552,11 @@ cudaError_t pam_forward(const PamForwardParams& p, cudaStream_t stream) {
 }
 
 cudaError_t pam_backward(const PamBackwardParams& p, cudaStream_t stream) {
-  if (!pam_sizes_ok(p.B, p.Cq, p.Cv, p.N)) return cudaErrorInvalidValue;
+  if (!pam_sizes_ok(p.B, p.Cq, p.Cv, p.Nq, p.Nk)) return cudaErrorInvalidValue;
   if (p.q.dtype != p.dtype || p.k.dtype != p.dtype || p.v.dtype != p.dtype ||
       p.dy_mma.dtype != p.dtype)
     return cudaErrorInvalidValue;
-  if (p.B == 0 || p.N == 0) {
+  if (p.B == 0 || p.Nq == 0) {
     if (p.gamma != nullptr) return cudaMemsetAsync(p.dgamma, 0, sizeof(float), stream);
     return cudaSuccess;
   }

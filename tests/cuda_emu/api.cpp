@@ -7,9 +7,9 @@ static View3 mk(const void* p, const int64_t* s, int dt) {
 extern "C" {
 int emu_pam_forward(const int64_t* sz, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                     const void* v, const int64_t* vs, int dt, const void* x, const int64_t* xs, int xdt,
-                    const float* gamma, void* o, float* lse, void* y, int ydt, int tf32) {
-  PamForwardParams p;
-  p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.N = sz[3];
+                    const float* gamma, void* o, float* lse, void* y, int ydt, int tf32, double scale) {
+  PamForwardParams p;  // sz = (B, Cq, Cv, Nq, Nk)
+  p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.Nq = sz[3]; p.Nk = sz[4]; p.scale = scale;
   p.q = mk(q, qs, dt); p.k = mk(k, ks, dt); p.v = mk(v, vs, dt); p.x = mk(x, xs, xdt);
   p.gamma = gamma; p.o = o; p.lse = lse; p.y = y; p.dtype = (DType)dt; p.y_dtype = (DType)ydt; p.allow_tf32 = tf32;
   return (int)pam_forward(p, nullptr);
@@ -17,24 +17,26 @@ int emu_pam_forward(const int64_t* sz, const void* q, const int64_t* qs, const v
 static PamBackwardParams pam_bwd(const int64_t* sz, const void* dy, const int64_t* dys, int dydt,
     const void* dym, const int64_t* dyms, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
     const void* v, const int64_t* vs, const void* o, const int64_t* os, int odt, const float* lse,
-    const float* gamma, void* dq, void* dk, void* dv, float* dgamma, void* ws, int dt, int tf32) {
+    const float* gamma, void* dq, void* dk, void* dv, float* dgamma, void* ws, int dt, int tf32,
+    double scale) {
   PamBackwardParams p;
-  p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.N = sz[3];
+  p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.Nq = sz[3]; p.Nk = sz[4]; p.scale = scale;
   p.dy = mk(dy, dys, dydt); p.dy_mma = mk(dym, dyms, dt); p.q = mk(q, qs, dt); p.k = mk(k, ks, dt);
   p.v = mk(v, vs, dt); p.o = mk(o, os, odt); p.lse = lse; p.gamma = gamma; p.dq = dq; p.dk = dk; p.dv = dv;
   p.dgamma = dgamma; p.workspace = ws; p.dtype = (DType)dt; p.allow_tf32 = tf32;
   return p;
 }
 size_t emu_pam_ws(const int64_t* sz) {
-  PamBackwardParams p; p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.N = sz[3];
+  PamBackwardParams p; p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.Nq = sz[3]; p.Nk = sz[4];
   return pam_backward_workspace_bytes(p);
 }
 int emu_pam_backward(const int64_t* sz, const void* dy, const int64_t* dys, int dydt,
     const void* dym, const int64_t* dyms, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
     const void* v, const int64_t* vs, const void* o, const int64_t* os, int odt, const float* lse,
-    const float* gamma, void* dq, void* dk, void* dv, float* dgamma, void* ws, int dt, int tf32) {
+    const float* gamma, void* dq, void* dk, void* dv, float* dgamma, void* ws, int dt, int tf32,
+    double scale) {
   return (int)pam_backward(pam_bwd(sz, dy, dys, dydt, dym, dyms, q, qs, k, ks, v, vs, o, os, odt, lse, gamma,
-                                   dq, dk, dv, dgamma, ws, dt, tf32), nullptr);
+                                   dq, dk, dv, dgamma, ws, dt, tf32, scale), nullptr);
 }
 static CamForwardParams cam_f(const int64_t* sz, const void* x, const int64_t* xs, int dt, const float* gamma,
     int paper, void* o, float* attn, void* y, int ydt, void* ws, int tf32) {

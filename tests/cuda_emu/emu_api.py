@@ -94,8 +94,10 @@ def S(t):
     return I64(*t.stride()) if t is not None else None
 
 
-def pam_forward(q, k, v, x=None, gamma=None, tf32=False):
+def pam_forward(q, k, v, x=None, gamma=None, tf32=False, scale=1.0):
+    """q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk], x [B, Cv, Nq]; E = scale * q^T k."""
     B, Cq, N = q.shape
+    Nk = k.shape[2]
     Cv = v.shape[1]
     o = NAN(B, Cv, N, dtype=v.dtype)
     lse = NAN(B, N)
@@ -105,25 +107,27 @@ def pam_forward(q, k, v, x=None, gamma=None, tf32=False):
         ydt = torch.promote_types(torch.promote_types(v.dtype, x.dtype), gamma.dtype)
         y = NAN(B, Cv, N, dtype=ydt)
         g = gamma.float().reshape(1).contiguous()
-    rc = lib.emu_pam_forward(I64(B, Cq, Cv, N), P(q), S(q), P(k), S(k), P(v), S(v), DT[v.dtype],
+    rc = lib.emu_pam_forward(I64(B, Cq, Cv, N, Nk), P(q), S(q), P(k), S(k), P(v), S(v), DT[v.dtype],
                              P(x), S(x), DT[x.dtype] if x is not None else 0,
-                             P(g), P(o), P(lse), P(y), DT[y.dtype] if y is not None else 0, int(tf32))
+                             P(g), P(o), P(lse), P(y), DT[y.dtype] if y is not None else 0, int(tf32),
+                             ctypes.c_double(scale))
     assert rc == 0, rc
     return o, lse, y
 
 
-def pam_backward(dy, q, k, v, o, lse, gamma=None, tf32=False):
+def pam_backward(dy, q, k, v, o, lse, gamma=None, tf32=False, scale=1.0):
     B, Cq, N = q.shape
+    Nk = k.shape[2]
     Cv = v.shape[1]
-    sz = I64(B, Cq, Cv, N)
+    sz = I64(B, Cq, Cv, N, Nk)
     ws = WS(lib.emu_pam_ws(sz))
     dym = dy if dy.dtype == v.dtype else dy.to(v.dtype)
-    dq, dk, dv = NAN(B, Cq, N, dtype=q.dtype), NAN(B, Cq, N, dtype=k.dtype), NAN(B, Cv, N, dtype=v.dtype)
+    dq, dk, dv = NAN(B, Cq, N, dtype=q.dtype), NAN(B, Cq, Nk, dtype=k.dtype), NAN(B, Cv, Nk, dtype=v.dtype)
     dg = NAN(1 if gamma is not None else 0)
     g = gamma.float().reshape(1).contiguous() if gamma is not None else None
     rc = lib.emu_pam_backward(sz, P(dy), S(dy), DT[dy.dtype], P(dym), S(dym), P(q), S(q), P(k), S(k),
                               P(v), S(v), P(o), S(o), DT[o.dtype], P(lse), P(g), P(dq), P(dk), P(dv),
-                              P(dg), P(ws), DT[v.dtype], int(tf32))
+                              P(dg), P(ws), DT[v.dtype], int(tf32), ctypes.c_double(scale))
     assert rc == 0, rc
     return dq, dk, dv, dg
 
@@ -160,9 +164,9 @@ def cam_backward(dy, x, attn, o, gamma=None, paper=False, tf32=False):
 
 
 # ------------------------------------------------------------------ fp64 references
-def ref_pam(q, k, v, x=None, gamma=None):
+def ref_pam(q, k, v, x=None, gamma=None, scale=1.0):
     q, k, v = q.double(), k.double(), v.double()
-    E = torch.bmm(q.transpose(1, 2), k)
+    E = torch.bmm(q.transpose(1, 2), k) * scale
     A = torch.softmax(E, -1)
     O = torch.bmm(v, A.transpose(1, 2))
     lse = torch.logsumexp(E, -1)
