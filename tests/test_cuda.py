@@ -4,15 +4,32 @@ Every test skips cleanly without a CUDA device or without a build that has the C
 (set DANET_OPS_REQUIRE_CUDA=1 on GPU CI to turn the second skip into a failure). Nothing here
 touches the GPU at import time. Error bound: conftest's rule (2x the same-dtype reference
 error, plus a floor).
+
+DANET_OPS_TEST_GPU_ON_CPU=1 (conftest.GPU_ON_CPU): the same test bodies run on CPU tensors, with
+the ops danet_ops_emu::* standing in for danet_ops::pam_forward etc. They call the real
+csrc/cuda launchers and kernels through the host emulator of tests/cuda_emu (the one
+test_cuda_emu.py uses), and position_attention / channel_attention(backend="cuda") reach them
+through the package's own validation, flattening and registered autograd (danet_ops._meta).
+Shapes are shrunk by _gpu_shape. So every argument the tests build goes through the kernels'
+logic here; what the emulator cannot show (hardware semantics, races, speed: tests/cuda_emu/
+README.md) and the binding's own argument checks (C++; test_bad_inputs_raise_before_launch
+skips) still wait for a GPU.
 """
+import hashlib
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
+from torch import Tensor
 
 from danet_ops import channel_attention, position_attention, reference
-from conftest import (cam_inputs, compare_to_oracle, make, max_err, pam_inputs, run_with_grads,
-                      tf32, to64)
+from conftest import (GPU_ON_CPU, cam_inputs, compare_to_oracle, make, max_err, pam_inputs,
+                      run_with_grads, tf32, to64)
 
 pytestmark = pytest.mark.gpu
 
@@ -20,11 +37,138 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 CAM_NAMES = ("y", "dx", "dgamma")
-ops = torch.ops.danet_ops
+
+
+def _gpu_shape(*shape):
+    """The GPU shape, or in GPU-on-CPU mode one the emulator runs in seconds: B and Cq kept, at
+    most 136 value channels (two value splits of 128, the last ragged) or 72 CAM channels (two
+    channel tiles of 64, the last ragged), H x W at most 8 x 9 (N = 72: a full block of 64 and a
+    ragged one)."""
+    if not GPU_ON_CPU:
+        return shape
+    *lead, c, H, W = shape
+    return (*lead, min(c, 136 if len(shape) == 5 else 72), min(H, 8), min(W, 9))
+
+
+# ----------------------------------------------------------------------------- GPU-on-CPU: the emulated ops
+if GPU_ON_CPU:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import emu_api as E  # noqa: E402
+    sys.path.pop(0)
+    from danet_ops import _meta
+
+    _EMU = {}
+
+    def _emu_lib():
+        """The emulator library, built once per content of its sources (csrc/cuda, tests/cuda_emu)
+        and cached under ~/.cache/danet_ops/cuda_emu/<hash> (DANET_OPS_CACHE moves it)."""
+        if "lib" not in _EMU:
+            if E.cuda_include_dir() is None:
+                pytest.skip("GPU-on-CPU mode of the CUDA tests needs the CUDA headers (CUDA_HOME)")
+            opt = os.environ.get("DANET_CUDA_EMU_OPT", "-O1")
+            h = hashlib.sha256(f"{opt} {E.cuda_include_dir()}".encode())
+            for f in sorted(list(E.CSRC_CUDA.iterdir()) + list(E.HERE.iterdir())):
+                if f.is_file() and f.suffix in (".cu", ".cuh", ".h", ".cpp", ".inc", ".py"):
+                    h.update(f.name.encode() + f.read_bytes())
+            cache = Path(os.environ.get("DANET_OPS_CACHE", Path.home() / ".cache" / "danet_ops"))
+            out = cache / "cuda_emu" / h.hexdigest()[:16]
+            if not (out / "libemu.so").exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = tempfile.mkdtemp(prefix="build-", dir=out.parent)
+                E.build(tmp, opt=opt)
+                try:
+                    os.rename(tmp, out)  # atomic: a concurrent build that finished first wins
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            _EMU["lib"] = E.load(out / "libemu.so")
+        return _EMU["lib"]
+
+    def _need(cond, msg):
+        if not cond:
+            raise RuntimeError(msg)
+
+    def _dims3(op, **named):  # what the binding's TORCH_CHECKs say about ranks
+        for name, t in named.items():
+            if t is not None:
+                _need(t.dim() == 3, f"{op}: {name} must be [B, C, N]; got shape {tuple(t.shape)}")
+
+    @torch.library.custom_op("danet_ops_emu::pam_forward", mutates_args=())
+    def _emu_pam_forward(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor],
+                         gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        _dims3("pam_forward", q=q, k=k, v=v, x=x)
+        B, Cq, N = q.shape
+        _need(k.shape == q.shape and v.shape[0] == B and v.shape[2] == N,
+              f"pam_forward: q, k [B, Cq, N], v [B, Cv, N]; got {q.shape}, {k.shape}, {v.shape}")
+        _need(x is None or x.shape == v.shape, "pam_forward: x must have v's shape")
+        if B == 0 or N == 0:
+            return _meta.pam_forward_fake(q, k, v, x, gamma)
+        _emu_lib()
+        o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32)
+        return o, lse, (v.new_empty((0,)) if y is None else y)
+
+    @torch.library.custom_op("danet_ops_emu::pam_backward", mutates_args=())
+    def _emu_pam_backward(dy: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                          gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        _dims3("pam_backward", dy=dy, q=q, k=k, v=v, o=o)
+        _need(dy.shape == v.shape == o.shape and lse.shape == (q.shape[0], q.shape[2]),
+              f"pam_backward: dy, o must be v's shape, lse [B, N]; got {dy.shape}, {o.shape}, {lse.shape}")
+        if q.shape[0] == 0 or q.shape[2] == 0:
+            dq, dk, dv, dg = _meta.pam_backward_fake(dy, q, k, v, o, lse, gamma)
+            return dq.zero_(), dk.zero_(), dv.zero_(), dg.zero_()
+        _emu_lib()
+        return E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=torch.backends.cuda.matmul.allow_tf32)
+
+    @torch.library.custom_op("danet_ops_emu::cam_forward", mutates_args=())
+    def _emu_cam_forward(x: Tensor, gamma: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
+        _dims3("cam_forward", x=x)
+        _need(mode in ("original", "paper"), f"cam_forward: mode must be 'original' or 'paper'; got '{mode}'")
+        if x.shape[0] == 0:   # the binding returns early for B = 0 only: N = 0 runs the kernels
+            return _meta.cam_forward_fake(x, gamma, mode)
+        _emu_lib()
+        o, attn, y = E.cam_forward(x, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
+        return o, attn, (x.new_empty((0,)) if y is None else y)
+
+    @torch.library.custom_op("danet_ops_emu::cam_backward", mutates_args=())
+    def _emu_cam_backward(dy: Tensor, x: Tensor, attn: Tensor, o: Tensor, gamma: Optional[Tensor],
+                          mode: str) -> tuple[Tensor, Tensor]:
+        _dims3("cam_backward", dy=dy, x=x, attn=attn, o=o)
+        _need(dy.shape == x.shape == o.shape and attn.shape == (x.shape[0], x.shape[1], x.shape[1]),
+              f"cam_backward: dy, o must be x's shape, attn [B, C, C]; got {dy.shape}, {o.shape}, {attn.shape}")
+        if x.shape[0] == 0 or x.shape[2] == 0:
+            dx, dg = _meta.cam_backward_fake(dy, x, attn, o, gamma, mode)
+            return dx.zero_(), dg.zero_()
+        _emu_lib()
+        return E.cam_backward(dy, x, attn, o, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
+
+    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward")
+    _meta.register_cam("danet_ops_emu::cam_forward", "danet_ops_emu::cam_backward")
+    ops = torch.ops.danet_ops_emu
+
+    class _EmuBackend:  # what danet_ops.functional calls for backend "cuda"
+        pam_forward = staticmethod(lambda q, k, v, x, gamma: ops.pam_forward(q, k, v, x, gamma))
+        cam_forward = staticmethod(lambda x, gamma, mode: ops.cam_forward(x, gamma, mode))
+else:
+    ops = torch.ops.danet_ops
 
 
 @pytest.fixture
-def dev(no_tf32):
+def dev(no_tf32, monkeypatch):
+    if GPU_ON_CPU:
+        from danet_ops import _backends, functional
+        check, backend_ops = _backends.check, functional._backend_ops
+
+        def emu_check(backend, op, device, dtype):
+            if backend == "cuda" and device.type == "cpu":
+                if dtype == torch.float64:
+                    return False, "backend 'cuda' supports float32, float16 and bfloat16, not float64"
+                return True, ""
+            return check(backend, op, device, dtype)
+
+        monkeypatch.setattr(_backends, "check", emu_check)
+        monkeypatch.setattr(functional, "_backend_ops",
+                            lambda name: _EmuBackend if name == "cuda" else backend_ops(name))
+        _emu_lib()
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from danet_ops import _backends
@@ -66,25 +210,26 @@ PAM_SHAPES = [  # B, Cq, Cv, H, W
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_pam_matches_oracle(dev, dtype, shape):
-    _pam(_to(pam_inputs(*shape, dtype=dtype), dev), dtype)
+    _pam(pam_inputs(*_gpu_shape(*shape), dtype=dtype, device=dev), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
 def test_pam_layouts(dev, dtype, layout):
-    inputs = _to(pam_inputs(2, 16, 72, 24, 20, dtype=dtype, layout=layout), dev)
+    # device=dev: the layout is made on the device (.to(dev) would make a channel slice contiguous)
+    inputs = pam_inputs(*_gpu_shape(2, 16, 72, 24, 20), dtype=dtype, layout=layout, device=dev)
     assert not inputs[0].is_contiguous()
     _pam(inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pam_without_residual(dev, dtype):
-    _pam(_to(pam_inputs(2, 8, 40, 11, 13, dtype=dtype, residual=False), dev), dtype)
+    _pam(pam_inputs(*_gpu_shape(2, 8, 40, 11, 13), dtype=dtype, residual=False, device=dev), dtype)
 
 
 def test_pam_autocast_style_mixed_dtypes(dev):
     # bf16 q, k, v (convolutions under autocast) with an fp32 residual and gamma: y is fp32.
-    q, k, v, _, _ = _to(pam_inputs(1, 16, 48, 13, 11, dtype=torch.bfloat16), dev)
+    q, k, v, _, _ = pam_inputs(*_gpu_shape(1, 16, 48, 13, 11), dtype=torch.bfloat16, device=dev)
     x = torch.randn(v.shape, device=dev)
     g = torch.tensor([0.5], device=dev)
     got, grads = run_with_grads(lambda *t: position_attention(*t, backend="cuda"), [q, k, v, x, g])
@@ -123,12 +268,13 @@ def test_pam_gamma_zero(dev):
 
 def test_pam_long_sequence_rows(dev):
     # N = 70000 > 2^16: check the lse and a few output rows against an exact row oracle.
-    B, Cq, Cv, N = 1, 8, 32, 70000
+    # (GPU-on-CPU: N = 300; the emulator runs the O(N^2) work one CUDA thread at a time.)
+    B, Cq, Cv, N = 1, 8, 32, (300 if GPU_ON_CPU else 70000)
     gen = torch.Generator().manual_seed(0)
     q, k, v = [(torch.randn(B, c, N, generator=gen) * s).to(dev)
                for c, s in ((Cq, 0.5), (Cq, 0.5), (Cv, 1.0))]
     o, lse, _ = ops.pam_forward(q, k, v, None, None)
-    rows = torch.tensor([0, 1, 63, 64, 65535, 65536, N - 1], device=dev)
+    rows = torch.tensor([r for r in (0, 1, 63, 64, 65535, 65536) if r < N] + [N - 1], device=dev)
     E = torch.einsum("bci,bcj->bij", q[:, :, rows].double(), k.double())
     ref_o = torch.einsum("bij,bcj->bci", torch.softmax(E, -1), v.double())
     assert max_err(o[:, :, rows], ref_o) < 1e-4
@@ -143,14 +289,17 @@ CAM_SHAPES = [(2, 512, 32, 32), (1, 37, 29, 31), (2, 130, 9, 7), (1, 1, 4, 4), (
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cam_matches_oracle(dev, shape, dtype, mode):
+    shape = _gpu_shape(*shape)
     scale = 0.5 * (shape[2] * shape[3]) ** -0.25   # E entries of order 1: a non-trivial softmax
-    _cam(_to(cam_inputs(*shape, dtype=dtype, scale=scale), dev), mode, dtype)
+    _cam(cam_inputs(*shape, dtype=dtype, scale=scale, device=dev), mode, dtype)
 
 
 @pytest.mark.parametrize("mode", ["original", "paper"])
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
 def test_cam_layouts(dev, mode, layout):
-    inputs = _to(cam_inputs(2, 40, 24, 20, dtype=torch.float16, layout=layout, scale=0.1), dev)
+    inputs = cam_inputs(*_gpu_shape(2, 40, 24, 20), dtype=torch.float16, layout=layout, scale=0.1,
+                        device=dev)
+    assert not inputs[0].is_contiguous()
     _cam(inputs, mode, torch.float16)
 
 
@@ -161,8 +310,9 @@ def test_cam_without_residual(dev, mode):
 
 def test_cam_fp16_energy_beyond_fp16_range(dev):
     # E ~ 1e5 > 65504: the naive fp16 bmm overflows; fp32 accumulation must stay finite and exact.
-    x, g = cam_inputs(1, 64, 64, 64, dtype=torch.float16, scale=5.0)
-    x, g = x.to(dev), g.to(dev)
+    # (GPU-on-CPU: N = 64 x 40 and scale 7.0 keep E ~ 1.3e5 with a tenth of the emulated work)
+    H, W, s = (64, 40, 7.0) if GPU_ON_CPU else (64, 64, 5.0)
+    x, g = cam_inputs(1, 64, H, W, dtype=torch.float16, scale=s, device=dev)
     oracle = reference.channel_attention(x.double(), g.double(), mode="original")
     assert (x.double().flatten(2).pow(2).sum(-1) > 65504).all()
     for mode in ("original", "paper"):
@@ -174,7 +324,8 @@ def test_cam_fp16_energy_beyond_fp16_range(dev):
 
 # ----------------------------------------------------------------------------- both
 def test_tf32_only_when_allowed(dev):
-    inputs = _to(pam_inputs(1, 64, 128, 32, 32, dtype=torch.float32, residual=False), dev)
+    inputs = pam_inputs(*_gpu_shape(1, 64, 128, 32, 32), dtype=torch.float32, residual=False,
+                        device=dev)
     oracle = reference.position_attention(*to64(inputs[:3]))
     err_ieee = max_err(position_attention(*inputs[:3], backend="cuda"), oracle)
     with tf32(True):
@@ -184,10 +335,10 @@ def test_tf32_only_when_allowed(dev):
 
 def test_deterministic(dev):
     # No atomics anywhere: repeated calls are bitwise identical.
-    q, k, v, x, g = _to(pam_inputs(2, 64, 256, 40, 40, dtype=torch.bfloat16), dev)
+    q, k, v, x, g = pam_inputs(*_gpu_shape(2, 64, 256, 40, 40), dtype=torch.bfloat16, device=dev)
     q, k, v, x = [t.flatten(2) for t in (q, k, v, x)]
     dy = torch.randn_like(v)
-    xc = make((2, 96, 48, 48), torch.bfloat16).to(dev).flatten(2)
+    xc = make(_gpu_shape(2, 96, 48, 48), torch.bfloat16, device=dev).flatten(2)
     dyc = torch.randn_like(xc)
     runs = []
     for _ in range(2):
@@ -209,7 +360,8 @@ def test_empty_and_degenerate_sizes(dev):
 
 
 def test_opcheck(dev):
-    q, k, v, x, g = [t.flatten(2) for t in _to(pam_inputs(1, 8, 16, 5, 7), dev)]
+    # gamma stays [1]: the ops take q, k, v, x as [B, C, N] and gamma as it is
+    q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2) for t in pam_inputs(1, 8, 16, 5, 7, device=dev)]
     torch.library.opcheck(ops.pam_forward.default, (q, k, v, x, g))
     torch.library.opcheck(ops.pam_forward.default, (q, k, v, None, None))
     xc, gc = cam_inputs(1, 12, 5, 7)
@@ -219,6 +371,8 @@ def test_opcheck(dev):
 
 
 def test_bad_inputs_raise_before_launch(dev):
+    if GPU_ON_CPU:
+        pytest.skip("the binding's own C++ argument checks: only the real ops can show them")
     q = torch.randn(1, 300, 16, device=dev)   # Cq > 256
     with pytest.raises(RuntimeError, match="Cq"):
         ops.pam_forward(q, q, q, None, None)
