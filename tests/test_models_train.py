@@ -156,8 +156,8 @@ def test_poly_scheduler_with_warmup_and_its_state():
         sched.step()
         if len(lrs) == 5:  # a scheduler restored from a state dict continues identically
             opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            sched2 = tr.build_scheduler(opt2, cfg)  # built as the trainer does, then both states loaded
             opt2.load_state_dict(opt.state_dict())
-            sched2 = tr.build_scheduler(opt2, cfg)
             sched2.load_state_dict(sched.state_dict())
     # warm-up 0.25 -> 1 over 3 iterations (LinearLR), then (1 - t/7)^0.9 over the remaining 7 (PolynomialLR)
     expect = [0.1 * (0.25 + 0.75 * t / 3) for t in range(3)] + [0.1 * (1 - t / 7) ** 0.9 for t in range(7)]
@@ -241,6 +241,21 @@ def test_demo_preset_runs_as_configured(tmp_path, capsys):
     result = tr.train(cfg)
     assert len(result["losses"]) == 2 and 0.0 <= result["miou"] <= 1.0
     assert f"val mIoU: {result['miou']:.4f}" in capsys.readouterr().out
+
+
+def test_scale_attention_in_trainer_and_evaluator(tmp_path):
+    result = run(tmp_path, "--iters", "2", "--scale-attention", "1", "0.75", "--log-interval", "1",
+                 "--synthetic-val-size", "1")
+    rec = tr.read_log(tmp_path / "log.jsonl")[0]
+    # the extra supervision: each scale's own logits get a loss (weight --scale-loss-weight, 1)
+    assert rec["loss"] == pytest.approx(rec["loss_fused"] + rec["loss_pam"] + rec["loss_cam"] + 0.4 * rec["loss_aux"]
+                                        + rec["loss_scale1"] + rec["loss_scale0.75"])
+    assert result["model"].scale_attn is not None and 0.0 <= result["miou"] <= 1.0
+    ckpt = str(tmp_path / "checkpoint.pth")
+    assert ev.main(["--checkpoint", ckpt]) == result["miou"]  # the checkpoint rebuilds the scale-attention model
+    assert 0.0 <= ev.main(["--checkpoint", ckpt, "--scale-attention", "1", "0.5"]) <= 1.0
+    with pytest.raises(ValueError, match="built for 2 scales"):
+        ev.main(["--checkpoint", ckpt, "--scale-attention", "1"])
 
 
 def test_confusion_matrix_and_scores():
