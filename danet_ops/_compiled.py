@@ -112,8 +112,8 @@ def prebuilt_present():
     return _prebuilt() is not None
 
 
-def pam_forward(q, k, v, x, gamma):
-    return torch.ops.danet_ops.pam_forward(q, k, v, x, gamma)
+def pam_forward(q, k, v, x, gamma, scale=1.0):
+    return torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
 
 
 def cam_forward(x, gamma, mode):

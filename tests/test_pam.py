@@ -247,3 +247,41 @@ def test_auto_picks_fused_cpu_and_env_override(monkeypatch):
     monkeypatch.setenv("DANET_OPS_BACKEND", "cuda")
     with pytest.raises(danet_ops.BackendUnavailableError, match="CUDA tensors"):
         _backends.resolve("auto", "pam", cpu, torch.float32)
+
+
+# ----------------------------------------------------------------------------- general op memory
+@pytest.mark.parametrize("nq,nk", [(4096, 1024), (1024, 4096)], ids=["nk=nq/4", "nk=4nq"])
+def test_memory_contract_nq_ne_nk(nq, nk):
+    """Issue 14: with keys of their own length the fused CPU op (forward + backward through its
+    registered autograd) allocates nothing of size Nq x Nk, only O((Nq + Nk) * C) and tiles."""
+    B, Cq, Cv, scale = 1, 8, 16, 0.35
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(B, Cq, nq, generator=gen) * 0.5).requires_grad_()
+    k = (torch.randn(B, Cq, nk, generator=gen) * 0.5).requires_grad_()
+    v = torch.randn(B, Cv, nk, generator=gen).requires_grad_()
+    x = torch.randn(B, Cv, nq, generator=gen).requires_grad_()
+    g = torch.tensor([0.7], requires_grad=True)
+    ops = torch.ops.danet_ops
+    acts = [torch.profiler.ProfilerActivity.CPU]
+
+    def naive(q, k, v, x, g):
+        e = torch.bmm(q.transpose(1, 2), k) * scale
+        return g * torch.bmm(v, torch.softmax(e, -1).transpose(1, 2)) + x
+
+    def biggest(fn):
+        with torch.profiler.profile(activities=acts, profile_memory=True, record_shapes=True) as prof:
+            out = fn(q, k, v, x, g)
+            out.backward(torch.ones_like(out))
+        shapes = [s for e in prof.events() for s in (e.input_shapes or [])
+                  if isinstance(s, list) and len(s) >= 2]
+        return max(e.self_cpu_memory_usage for e in prof.events()), shapes
+
+    nqk = B * nq * nk * 4
+    ref_big, ref_shapes = biggest(naive)
+    assert ref_big >= nqk and [nq, nk] in [s[-2:] for s in ref_shapes]   # the check can see it
+    fused, shapes = biggest(lambda *t: ops.pam_forward(*t, scale)[2])
+    linear = 4 * B * (nq + nk) * (Cv + Cq) * 4        # a few [B, C, N] fp32 tensors
+    tile = 256 * 256 * 4
+    assert fused <= max(linear, tile), f"largest allocation {fused} B (Nq x Nk = {nqk} B)"
+    assert fused * 16 < nqk
+    assert not [s for s in shapes if s[-2:] in ([nq, nk], [nk, nq])], "an op saw Nq x Nk"

@@ -134,3 +134,74 @@ def test_autocast_cpu_bf16_cam():
     assert max_err(got, want) <= 2.0 * max_err(ref, want), (max_err(got, want), max_err(ref, want))
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(m.gamma.grad).all()
+
+
+# ----------------------------------------------------------------------------- general PAM op
+# Issue 14: pam_forward / pam_backward take `scale` (E = scale * q^T k) and keys/values with their
+# own number of positions Nk (k [B, Cq, Nk], v [B, Cv, Nk]; o, y, x: [B, Cv, Nq]).
+def _general(B, Cq, Cv, Nq, Nk, residual=True, layout="contiguous", dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def mk(c, n, s):
+        t = torch.randn(B, n, c, generator=gen, dtype=dtype) * s
+        # channels_last-like [B, C, N] view (unit stride along C), or contiguous
+        return t.transpose(1, 2) if layout == "channels_last" else t.transpose(1, 2).contiguous()
+    q, k, v = mk(Cq, Nq, 0.5), mk(Cq, Nk, 0.5), mk(Cv, Nk, 1.0)
+    if not residual:
+        return [q, k, v, None, None]
+    return [q, k, v, mk(Cv, Nq, 1.0), torch.tensor([0.7], dtype=dtype)]
+
+
+def test_compiled_schemas_have_scale():
+    assert str(ops.pam_forward.default._schema) == (
+        "danet_ops::pam_forward(Tensor q, Tensor k, Tensor v, Tensor? x, Tensor? gamma, "
+        "float scale=1.) -> (Tensor, Tensor, Tensor)")
+    assert str(ops.pam_backward.default._schema) == (
+        "danet_ops::pam_backward(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+        "Tensor? gamma, float scale=1.) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@pytest.mark.parametrize("nq,nk,scale", [(7, 3, 0.35), (4, 9, 2.0), (6, 1, -0.5), (5, 5, 0.125)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_general_pam(nq, nk, scale, residual):
+    args = [None if a is None else a.requires_grad_()
+            for a in _general(2, 3, 4, nq, nk, residual, "channels_last")]
+    torch.library.opcheck(ops.pam_forward.default, (*args, scale))
+    plain = [None if a is None else a.detach() for a in args]
+    o, lse, y = ops.pam_forward(*plain, scale)
+    assert o.shape == (2, 4, nq) and lse.shape == (2, nq)
+    torch.library.opcheck(ops.pam_backward.default,
+                          (torch.randn_like(o), *plain[:3], o, lse, plain[4], scale))
+
+
+@pytest.mark.parametrize("nq,nk,scale", [(7, 3, 0.35), (3, 8, -1.5), (5, 1, 0.6)])
+def test_gradcheck_general_cpu_op_float64(nq, nk, scale):
+    # Through the registered autograd (forward op -> backward op), in float64: q, k, v, x, gamma.
+    leaves = [t.requires_grad_() for t in _general(2, 3, 4, nq, nk)]
+
+    def fn(q, k, v, x, g):
+        return ops.pam_forward(q, k, v, x, g, scale)[2]
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+    q, k, v, _, _ = [t if t is None else t.detach().requires_grad_()
+                     for t in _general(1, 2, 3, nq, nk, residual=False, seed=1)]
+    assert torch.autograd.gradcheck(lambda *t: ops.pam_forward(*t, None, None, scale)[0], (q, k, v))
+
+
+def test_general_cpu_op_matches_naive_float64_and_scale_one_is_default():
+    q, k, v, x, g = _general(2, 5, 6, 300, 77)          # Nq ragged against the 256 tile
+    e = torch.bmm(q.transpose(1, 2), k) * 0.3
+    want = g * torch.bmm(v, torch.softmax(e, -1).transpose(1, 2)) + x
+    o, lse, y = ops.pam_forward(q, k, v, x, g, 0.3)
+    assert max_err(y, want) < 1e-12 and max_err(lse, torch.logsumexp(e, -1)) < 1e-12  # fp64 sums
+    a, b = ops.pam_forward(q, k, v, x, g), ops.pam_forward(q, k, v, x, g, 1.0)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def test_general_torch_compile_fullgraph_nk_ne_nq():
+    q, k, v, x, g = _general(1, 4, 6, 12, 5, dtype=torch.float32)
+
+    def f(q, k, v, x, g):
+        return ops.pam_forward(q, k, v, x, g, 0.5)[2]
+    want = f(q, k, v, x, g)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, x, g)
+    assert torch.equal(got, want)

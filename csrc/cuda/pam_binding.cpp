@@ -6,8 +6,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "binding_utils.h"
 
@@ -25,23 +28,25 @@ void check_cuda_3d(const at::Tensor& t, const at::Tensor& like, const char* op, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& gamma) {
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& gamma, double scale) {
   constexpr const char* op = "danet_ops::pam_forward (cuda)";
   check_cuda_3d(q, q, op, "q");
   check_cuda_3d(k, q, op, "k");
   check_cuda_3d(v, q, op, "v");
-  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Cv = v.size(1);
-  TORCH_CHECK(k.sizes() == q.sizes(), op, ": q and k must have the same shape; got q ", q.sizes(),
-              ", k ", k.sizes());
-  TORCH_CHECK(v.size(0) == B && v.size(2) == N, op, ": v must be [B, Cv, N] with q's B and N; got q ",
-              q.sizes(), ", v ", v.sizes());
+  const int64_t B = q.size(0), Cq = q.size(1), Nq = q.size(2), Nk = k.size(2), Cv = v.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == Cq, op, ": k must be [B, Cq, Nk] with q's B and Cq; got q ",
+              q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(2) == Nk, op, ": v must be [B, Cv, Nk] with k's B and Nk; got k ",
+              k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
               ": q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   TORCH_CHECK(1 <= Cq && Cq <= 256, op, ": Cq = ", Cq, " outside 1..256");
   TORCH_CHECK(1 <= Cv && Cv <= 4096, op, ": Cv = ", Cv, " outside 1..4096");
   TORCH_CHECK(B <= 65535, op, ": batch ", B, " > 65535 is not supported");
-  TORCH_CHECK(N <= (int64_t(1) << 26), op, ": N = ", N, " > 2^26 is not supported");
+  TORCH_CHECK(Nq <= (int64_t(1) << 26) && Nk <= (int64_t(1) << 26), op, ": Nq = ", Nq, ", Nk = ",
+              Nk, ": more than 2^26 positions is not supported");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(x.has_value() == gamma.has_value(), op, ": give both x and gamma or neither");
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -49,20 +54,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   p.B = B;
   p.Cq = Cq;
   p.Cv = Cv;
-  p.N = N;
+  p.Nq = Nq;
+  p.Nk = Nk;
+  p.scale = scale;
   p.dtype = kernel_dtype(v, op, "v");
-  at::Tensor o = at::empty({B, Cv, N}, v.options());
-  at::Tensor lse = at::empty({B, N}, v.options().dtype(at::kFloat));
+  at::Tensor o = at::empty({B, Cv, Nq}, v.options());
+  at::Tensor lse = at::empty({B, Nq}, v.options().dtype(at::kFloat));
   at::Tensor y, g;
   if (x.has_value()) {
     check_cuda_3d(*x, q, op, "x");
-    TORCH_CHECK(x->sizes() == v.sizes(), op, ": x must have v's shape ", v.sizes(), "; got ",
-                x->sizes());
+    TORCH_CHECK(x->size(0) == B && x->size(1) == Cv && x->size(2) == Nq, op,
+                ": x must be [B, Cv, Nq] = [", B, ", ", Cv, ", ", Nq, "]; got ", x->sizes());
     g = gamma_f32(*gamma, q, op, "the inputs are");
     // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
     const auto yt = at::promote_types(at::promote_types(v.scalar_type(), x->scalar_type()),
                                       gamma->scalar_type());
-    y = at::empty({B, Cv, N}, v.options().dtype(yt));
+    y = at::empty({B, Cv, Nq}, v.options().dtype(yt));
     p.x = view3(*x, op, "x");
     p.gamma = g.data_ptr<float>();
     p.y = y.data_ptr();
@@ -70,7 +77,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   } else {
     y = at::empty({0}, v.options());
   }
-  if (B == 0 || N == 0) return {o, lse, y};
+  if (B == 0 || Nq == 0) return {o, lse, y};
+  if (Nk == 0) {  // softmax over no keys: O = 0 (an empty sum), lse = log 0
+    o.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    if (x.has_value()) y.copy_(g * o.to(at::kFloat) + *x);
+    return {o, lse, y};
+  }
   p.q = view3(q, op, "q");
   p.k = view3(k, op, "k");
   p.v = view3(v, op, "v");
@@ -83,41 +96,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cuda(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& gamma) {
+    const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& gamma,
+    double scale) {
   constexpr const char* op = "danet_ops::pam_backward (cuda)";
   check_cuda_3d(q, q, op, "q");
   check_cuda_3d(k, q, op, "k");
   check_cuda_3d(v, q, op, "v");
   check_cuda_3d(dy, q, op, "dy");
   check_cuda_3d(o, q, op, "o");
-  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Cv = v.size(1);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == B && v.size(2) == N, op,
-              ": expected q, k [B, Cq, N] and v [B, Cv, N]; got q ", q.sizes(), ", k ", k.sizes(),
-              ", v ", v.sizes());
-  TORCH_CHECK(dy.sizes() == v.sizes() && o.sizes() == v.sizes(), op, ": dy and o must be ",
-              v.sizes(), "; got dy ", dy.sizes(), ", o ", o.sizes());
+  const int64_t B = q.size(0), Cq = q.size(1), Nq = q.size(2), Nk = k.size(2), Cv = v.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == Cq && v.size(0) == B && v.size(2) == Nk, op,
+              ": expected q [B, Cq, Nq], k [B, Cq, Nk] and v [B, Cv, Nk]; got q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
+  const std::vector<int64_t> out_shape{B, Cv, Nq};
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(out_shape) && o.sizes() == at::IntArrayRef(out_shape),
+              op, ": dy and o must be [B, Cv, Nq] = ", at::IntArrayRef(out_shape), "; got dy ",
+              dy.sizes(), ", o ", o.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
               ": q, k, v must share one dtype");
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.dim() == 2 && lse.size(0) == B &&
-                  lse.size(1) == N,
-              op, ": lse must be a [B, N] tensor on ", q.device(), "; got ", lse.sizes());
+                  lse.size(1) == Nq,
+              op, ": lse must be a [B, Nq] tensor on ", q.device(), "; got ", lse.sizes());
   TORCH_CHECK(1 <= Cq && Cq <= 256 && 1 <= Cv && Cv <= 4096, op, ": Cq = ", Cq, ", Cv = ", Cv,
               " outside 1..256 / 1..4096");
-  TORCH_CHECK(B <= 65535 && N <= (int64_t(1) << 26), op, ": B = ", B, ", N = ", N,
-              " beyond the supported 65535 / 2^26");
+  TORCH_CHECK(B <= 65535 && Nq <= (int64_t(1) << 26) && Nk <= (int64_t(1) << 26), op, ": B = ", B,
+              ", Nq = ", Nq, ", Nk = ", Nk, " beyond the supported 65535 / 2^26");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   const c10::cuda::CUDAGuard guard(q.device());
 
+  at::Tensor dgamma = at::zeros({gamma.has_value() ? 1 : 0}, q.options().dtype(at::kFloat));
+  if (B == 0 || Nq == 0 || Nk == 0)  // nothing flows (Nk == 0: O == 0, so dgamma = 0 too)
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+            at::zeros(v.sizes(), v.options()), dgamma};
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dgamma = at::zeros({gamma.has_value() ? 1 : 0}, q.options().dtype(at::kFloat));
-  if (B == 0 || N == 0) return {dq, dk, dv, dgamma};
 
   danet_cuda::PamBackwardParams p;
   p.B = B;
   p.Cq = Cq;
   p.Cv = Cv;
-  p.N = N;
+  p.Nq = Nq;
+  p.Nk = Nk;
+  p.scale = scale;
   p.dtype = kernel_dtype(v, op, "v");
   // dy arrives in y's dtype (e.g. fp32 under autocast); the matmuls need it in v's dtype.
   const at::Tensor dy_mma = dy.scalar_type() == v.scalar_type() ? dy : dy.to(v.scalar_type());
