@@ -284,7 +284,7 @@ def _truncate_log(path, iteration):
 
 def plot_log(log_path, out_dir):
     """loss.png (each loss term and the LR against the iteration) and miou.png (validation mIoU,
-    mAcc, aAcc) from a log.jsonl. Returns the paths written."""
+    mAcc, aAcc, and the final evaluation's mIoU) from a log.jsonl. Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +318,10 @@ def plot_log(log_path, out_dir):
         its = [r["iter"] for r in val]
         for key in ("mIoU", "mAcc", "aAcc"):
             ax.plot(its, [r[key] for r in val], marker="o", label=key)
+        final = [r for r in records if r.get("type") == "eval"]
+        if final:
+            ax.plot([final[-1]["iter"]], [final[-1]["mIoU"]], marker="*", markersize=12, linestyle="none",
+                    color="C3", label=f"final evaluation mIoU {final[-1]['mIoU']:.4f}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation")
         ax.set_ylim(0, 1)
