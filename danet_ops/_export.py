@@ -19,9 +19,8 @@ opset 23, which is not the exporter's default (18) and which TensorRT / OpenVINO
 lack. MatMul/Softmax/MatMul runs everywhere.
 
 The math is the general one of SPEC §1: E = scale * q^T k with k/v having their own number of
-positions Nk (taken from k and v, never from q), O = v softmax(E)^T: [B, Cv, Nq]. Today's ops
-have no scale argument (scale = 1); an op that grows a trailing `scale` argument is handled by the
-same functions.
+positions Nk (taken from k and v, never from q), O = v softmax(E)^T: [B, Cv, Nq]. The `scale`
+argument is optional, so the same functions serve op schemas with and without it.
 """
 import torch
 

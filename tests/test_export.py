@@ -135,30 +135,46 @@ def test_modules_onnx(tmp_path, dynamo, mode):
     _agree(path, model, [(3 * torch.randn(2, 32, 8, 12),), (3 * torch.randn(2, 32, 5, 7),)])
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_general_pam_onnx(tmp_path, dynamo):
+    """The general op (issue 14): scale != 1 and keys/values pooled to their own Nk (kv_pool=2)."""
+    _onnx_available(dynamo)
+    torch.manual_seed(0)
+    model = danet_ops.PositionAttention(32, scale=4 ** -0.5, kv_pool=2).eval()
+    with torch.no_grad():
+        model.gamma.fill_(0.7)
+    path = str(tmp_path / "pam.onnx")
+    _export_onnx(model, (torch.randn(1, 32, 8, 12),), path, dynamo, {0: [2, 3]})
+    _check_onnx(path)
+    # 7x9: odd sizes, Nk = 3*4 from the floor of the pooling
+    _agree(path, model, [(3 * torch.randn(1, 32, 8, 12),), (3 * torch.randn(1, 32, 7, 9),)])
+
+
 def test_ops_and_triton_ops_onnx(tmp_path):
-    """The raw ops (both families: compiled and triton) with and without x/gamma, through dynamo.
+    """The raw ops (both families: compiled and triton) with and without x/gamma, with scale and
+    Nk != Nq, through dynamo.
     torch.export traces with fake tensors, so the triton ops need no Triton to be exported."""
     _onnx_available(True)
 
     class Ops(torch.nn.Module):
-        def forward(self, q, k, v, x, g):
+        def forward(self, q, k, v, x, g, k2, v2):
             o1, _, y1 = torch.ops.danet_ops.pam_forward(q, k, v, x, g)
-            o2, _, _ = torch.ops.danet_ops.pam_forward_triton(q, k, v, None, None)
+            o2, _, _ = torch.ops.danet_ops.pam_forward_triton(q, k2, v2, None, None, 0.5)  # Nk != Nq, scale
             _, _, y3 = torch.ops.danet_ops.cam_forward_triton(x, g, "original")
             o4, _, _ = torch.ops.danet_ops.cam_forward(x, None, "paper")
             return o1, y1, o2, y3, o4
 
     class Oracle(torch.nn.Module):
-        def forward(self, q, k, v, x, g):
+        def forward(self, q, k, v, x, g, k2, v2):
             pa = danet_ops.position_attention
             ca = danet_ops.channel_attention
             r = "reference"
-            return (pa(q, k, v, backend=r), pa(q, k, v, x, g, backend=r), pa(q, k, v, backend=r),
+            return (pa(q, k, v, backend=r), pa(q, k, v, x, g, backend=r), pa(q, k2, v2, scale=0.5, backend=r),
                     ca(x, g, "original", backend=r), ca(x, None, "paper", backend=r))
 
     torch.manual_seed(0)
     args = (torch.randn(1, 4, 20), torch.randn(1, 4, 20), torch.randn(1, 16, 20), torch.randn(1, 16, 20),
-            torch.tensor([0.5]))
+            torch.tensor([0.5]), torch.randn(1, 4, 7), torch.randn(1, 16, 7))
     path = str(tmp_path / "ops.onnx")
     torch.onnx.export(Ops(), args, path, dynamo=True, verbose=False)
     _check_onnx(path)
