@@ -94,29 +94,33 @@ if GPU_ON_CPU:
 
     @torch.library.custom_op("danet_ops_emu::pam_forward", mutates_args=())
     def _emu_pam_forward(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor],
-                         gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                         gamma: Optional[Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         _dims3("pam_forward", q=q, k=k, v=v, x=x)
         B, Cq, N = q.shape
-        _need(k.shape == q.shape and v.shape[0] == B and v.shape[2] == N,
-              f"pam_forward: q, k [B, Cq, N], v [B, Cv, N]; got {q.shape}, {k.shape}, {v.shape}")
-        _need(x is None or x.shape == v.shape, "pam_forward: x must have v's shape")
-        if B == 0 or N == 0:
-            return _meta.pam_forward_fake(q, k, v, x, gamma)
+        Nk = k.shape[2]
+        _need(k.shape[:2] == q.shape[:2] and v.shape[0] == B and v.shape[2] == Nk,
+              f"pam_forward: q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; got {q.shape}, {k.shape}, {v.shape}")
+        _need(x is None or x.shape == (B, v.shape[1], N), "pam_forward: x must be [B, Cv, Nq]")
+        if B == 0 or N == 0 or Nk == 0:
+            return _meta.pam_forward_fake(q, k, v, x, gamma, scale)
         _emu_lib()
-        o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32)
+        o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
+                                  scale=scale)
         return o, lse, (v.new_empty((0,)) if y is None else y)
 
     @torch.library.custom_op("danet_ops_emu::pam_backward", mutates_args=())
     def _emu_pam_backward(dy: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                          gamma: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          gamma: Optional[Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _dims3("pam_backward", dy=dy, q=q, k=k, v=v, o=o)
-        _need(dy.shape == v.shape == o.shape and lse.shape == (q.shape[0], q.shape[2]),
-              f"pam_backward: dy, o must be v's shape, lse [B, N]; got {dy.shape}, {o.shape}, {lse.shape}")
-        if q.shape[0] == 0 or q.shape[2] == 0:
-            dq, dk, dv, dg = _meta.pam_backward_fake(dy, q, k, v, o, lse, gamma)
+        out_shape = (q.shape[0], v.shape[1], q.shape[2])
+        _need(dy.shape == o.shape == out_shape and lse.shape == (q.shape[0], q.shape[2]),
+              f"pam_backward: dy, o must be [B, Cv, Nq], lse [B, Nq]; got {dy.shape}, {o.shape}, {lse.shape}")
+        if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+            dq, dk, dv, dg = _meta.pam_backward_fake(dy, q, k, v, o, lse, gamma, scale)
             return dq.zero_(), dk.zero_(), dv.zero_(), dg.zero_()
         _emu_lib()
-        return E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=torch.backends.cuda.matmul.allow_tf32)
+        return E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
+                              scale=scale)
 
     @torch.library.custom_op("danet_ops_emu::cam_forward", mutates_args=())
     def _emu_cam_forward(x: Tensor, gamma: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,7 +149,8 @@ if GPU_ON_CPU:
     ops = torch.ops.danet_ops_emu
 
     class _EmuBackend:  # what danet_ops.functional calls for backend "cuda"
-        pam_forward = staticmethod(lambda q, k, v, x, gamma: ops.pam_forward(q, k, v, x, gamma))
+        pam_forward = staticmethod(lambda q, k, v, x, gamma, scale=1.0:
+                                   ops.pam_forward(q, k, v, x, gamma, float(scale)))
         cam_forward = staticmethod(lambda x, gamma, mode: ops.cam_forward(x, gamma, mode))
 else:
     ops = torch.ops.danet_ops
@@ -279,6 +284,25 @@ def test_pam_long_sequence_rows(dev):
     ref_o = torch.einsum("bij,bcj->bci", torch.softmax(E, -1), v.double())
     assert max_err(o[:, :, rows], ref_o) < 1e-4
     assert max_err(lse[:, rows], torch.logsumexp(E, -1)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- PAM, general op
+# Issue 14: E = scale * q^T k with keys/values of their own length Nk, through position_attention.
+# Kernel tiles are 64 positions: Nk < 64 < Nq, Nq < 64 < Nk, Nk = 1 (GPU-on-CPU: same sizes).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk,scale", [(97, 25, 16 ** -0.5), (40, 130, 2.0), (70, 1, 0.5)],
+                         ids=lambda c: f"{c}")
+def test_pam_general_nk_and_scale(dev, dtype, nq, nk, scale):
+    gen = torch.Generator().manual_seed(0)
+    B, Cq, Cv = 2, 16, 72
+    q = make((B, Cq, nq, 1), dtype, gen=gen, scale=0.5, device=dev).flatten(2)
+    k = make((B, Cq, nk, 1), dtype, gen=gen, scale=0.5, device=dev).flatten(2)
+    v = make((B, Cv, nk, 1), dtype, gen=gen, device=dev).flatten(2)
+    x = make((B, Cv, nq, 1), dtype, gen=gen, device=dev).flatten(2)
+    g = torch.tensor([0.7], device=dev)
+    fn = lambda *t: position_attention(*t, scale=scale, backend="cuda")  # noqa: E731
+    ref = lambda *t: reference.position_attention(*t, scale=scale)       # noqa: E731
+    compare_to_oracle(fn, ref, [q, k, v, x, g], PAM_NAMES, FLOOR[dtype])
 
 
 # ----------------------------------------------------------------------------- CAM
