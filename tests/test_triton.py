@@ -567,6 +567,25 @@ def test_interp_general_pam_rejects_mismatched_positions():
         ops.pam_forward_triton(q, k, v, x[..., :4], g)          # x must have the output's shape
 
 
+@interpreted
+def test_interp_general_pam_through_position_attention_4d():
+    # The public API with 4-D maps of their own sizes: queries 5 x 7, keys/values pooled to 3 x 3.
+    gen = torch.Generator().manual_seed(2)
+    q = make((1, 4, 5, 7), torch.float32, gen=gen, scale=0.5)
+    k = make((1, 4, 3, 3), torch.float32, gen=gen, scale=0.5)
+    v = make((1, 12, 3, 3), torch.float32, gen=gen)
+    x = make((1, 12, 5, 7), torch.float32, gen=gen)
+    g = torch.tensor([0.7])
+    fn = lambda *t: position_attention(*t, scale=0.5, backend="triton")  # noqa: E731
+    got, grads = run_with_grads(fn, [q, k, v, x, g])
+    ref64, grads64 = run_with_grads(lambda *t: reference.position_attention(*t, scale=0.5),
+                                    to64([q, k, v, x, g]))
+    assert got.shape == (1, 12, 5, 7)
+    for name, a, b in zip(PAM_NAMES, [got] + grads, [ref64] + grads64):
+        assert a.shape == b.shape, name
+        assert_close_to_oracle(name, a, b, None, FLOOR[torch.float32])   # fp32 floor: 9 keys
+
+
 @pytest.mark.parametrize("residual", [True, False])
 @interpreted
 def test_interp_opcheck_general_pam(residual):
