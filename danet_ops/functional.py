@@ -25,10 +25,8 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
     if name == "reference" or B == 0 or Nq == 0 or Nk == 0:
         return reference.position_attention(q, k, v, x, gamma, scale)
     # [B, C, H, W] -> [B, C, N]: a view for contiguous and channels_last layouts.
-    extra = (scale,) if scale != 1.0 else ()
     o, _, y = _backend_ops(name).pam_forward(
-        q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma,
-        *extra)
+        q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma, scale)
     return (o if x is None else y).view(B, Cv, *q.shape[2:])
 
 
