@@ -83,8 +83,57 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class Unsupported(Exception):
+    """A peer that cannot run this case here (e.g. FlexAttention not compilable): an
+    "unsupported" row, the other backends still run."""
+
+
+def cpu_capabilities():
+    try:
+        return dict(torch.cpu.get_capabilities())
+    except Exception:  # older torch: no cpuinfo query
+        return {}
+
+
+def matrix_isa():
+    """The CPU's best matrix ISA for the report: AMX-BF16 > AVX512-BF16 > AVX512 > AVX2."""
+    caps = cpu_capabilities()
+    names = [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512_f", "AVX512"),
+             ("avx2", "AVX2")]
+    isa = next((n for k, n in names if caps.get(k)), torch.backends.cpu.get_cpu_capability())
+    if caps.get("avx512_fp16") or caps.get("amx_fp16"):
+        isa += " + " + ("AMX-FP16" if caps.get("amx_fp16") else "AVX512-FP16")
+    return isa
+
+
+def cpu_lowp(dtype):
+    """Whether danet_ops' CPU kernels run `dtype` (bf16/fp16) on low-precision tiles here
+    (mirrors csrc/cpu/cpu_common.h: DANET_OPS_CPU_LOWP, else the CPU's matrix units)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    env = os.environ.get("DANET_OPS_CPU_LOWP", "")
+    if env:
+        return env != "0"
+    caps = cpu_capabilities()
+    if dtype == torch.bfloat16:
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
+
+
+def row_isa(device, dtype, backend):
+    """What a CPU row ran on: the matrix ISA and, for danet_ops' bf16/fp16 rows, the tile dtype."""
+    if device != "cpu":
+        return None
+    isa = matrix_isa()
+    dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if backend == "cpu" and dt in (torch.bfloat16, torch.float16):
+        isa += f" ({'bf16' if dt == torch.bfloat16 else 'fp16'} tiles)" if cpu_lowp(dt) else " (fp32 tiles)"
+    return isa
+
+
 def machine_info():
     info = {
+        "cpu_isa": matrix_isa(),
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -137,7 +186,7 @@ def measure(benchmark, run, device, rounds):
     except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unexpected
         if is_oom(exc):
             status = "OOM"
-        elif "No available kernel" in str(exc):
+        elif "No available kernel" in str(exc) or isinstance(exc, Unsupported):
             status = "unsupported"
         else:
             raise
@@ -153,6 +202,7 @@ def record():
     """record(benchmark, **info): store the row in extra_info and in the summary table."""
     def _record(benchmark, **info):
         info.setdefault("status", "ok")
+        info.setdefault("isa", row_isa(info["device"], info["dtype"], info["backend"]))
         benchmark.extra_info.update(info)
         _ROWS.append((benchmark, info))
     return _record
@@ -190,24 +240,30 @@ def pytest_terminal_summary(terminalreporter):
     if not rows:
         return
     ok = [r for r in rows if r["status"] == "ok"]
-    matmul = {r["device"]: r["flops"] / r["median_s"] for r in ok if r["op"] == "matmul"}
+    canon = {"cpu": "float32", "cuda": "bfloat16"}  # the rate "% of matmul" refers to by default
+    matmul = {r["device"]: r["flops"] / r["median_s"] for r in ok
+              if r["op"] == "matmul" and r["dtype"] == canon.get(r["device"], r["dtype"])}
+    matmul_dtype = {f"{r['device']}/{r['dtype']}": r["flops"] / r["median_s"] for r in ok
+                    if r["op"] == "matmul"}
     copy = {r["device"]: r["bytes"] / r["median_s"] for r in ok if r["op"] == "copy"}
-    out = derive([r for r in rows if r["op"] not in ("matmul", "copy")], matmul, copy)
+    out = derive([r for r in rows if r["op"] not in ("matmul", "copy")], matmul, copy, matmul_dtype)
     tw = terminalreporter
     tw.section("danet_ops: speedup and memory vs reference (median time)")
-    for dev, rate in matmul.items():
-        tw.write_line(f"{dev} matmul rate measured in this run: {rate / 1e9:.1f} GFLOP/s")
+    for key, rate in matmul_dtype.items():
+        tw.write_line(f"{key} matmul rate measured in this run: {rate / 1e9:.1f} GFLOP/s")
     for dev, bw in copy.items():
         tw.write_line(f"{dev} copy bandwidth measured in this run: {bw / 1e9:.1f} GB/s")
     f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
     tw.write_line(f"{'op':11} {'pass':6} {'dev':4} {'dtype':8} {'size':>9} {'B':>2} {'backend':9} "
                   f"{'ms':>9} {'IQR ms':>7} {'speedup':>8} {'peak MiB':>9} {'mem ratio':>9} "
                   f"{'GFLOP/s':>8} {'% mm':>5} {'% bw':>5} {'img/s':>6}")
-    for r in sorted(out, key=lambda r: (r["op"], r["pass"], r["device"], r["dtype"], r["N"], r["backend"])):
+    for r in sorted(out, key=lambda r: (r["op"], r["pass"], r["device"], r["dtype"], r.get("variant") or "",
+                                        r["N"], r["backend"])):
         ms = f(r.get("median_s") and r["median_s"] * 1e3, "%.1f") if r["status"] == "ok" else r["status"]
         mem = r.get("peak_mem")
         tw.write_line(
-            f"{r['op']:11} {r['pass']:6} {r['device']:4} {r['dtype']:8} {'%dx%d' % (r['H'], r['W']):>9} "
+            f"{r['op']:11} {r['pass']:6} {r['device']:4} {r['dtype']:8} "
+            f"{'%dx%d' % (r['H'], r['W']) + (' ' + r['variant'] if r.get('variant') else ''):>9} "
             f"{r['B']:>2} {r['backend']:9} {ms:>9} {f(r.get('iqr_s') and r['iqr_s'] * 1e3, '%.1f'):>7} "
             f"{f(r['speedup_vs_reference'], '%.2fx'):>8} {f(mem and mem / 2**20, '%.1f'):>9} "
             f"{f(r['mem_ratio_vs_reference'], '%.3f'):>9} {f(r['gflops'], '%.1f'):>8} "
@@ -215,7 +271,8 @@ def pytest_terminal_summary(terminalreporter):
             f"{f(r['frac_of_bandwidth'] and 100 * r['frac_of_bandwidth'], '%.0f%%'):>5} "
             f"{f(r['img_per_s'], '%.2f'):>6}")
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    payload = {"machine": machine_info(), "matmul_flops_per_s": matmul, "copy_bytes_per_s": copy,
+    payload = {"machine": machine_info(), "matmul_flops_per_s": matmul,
+               "matmul_flops_per_s_by_dtype": matmul_dtype, "copy_bytes_per_s": copy,
                "full": FULL, "rows": out}
     path = os.path.join(RESULTS_DIR, f"last-{_kind()}.json")
     with open(path, "w") as fh:

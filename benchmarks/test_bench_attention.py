@@ -10,36 +10,67 @@ bandwidth it is compared with is measured here too (test_copy_bandwidth).
 SDPA peer: on CUDA it is pinned to the memory-efficient kernel (SPEC §7's peer; a row says
 "unsupported" if that kernel refuses the shapes); on CPU it takes the math path, which
 materialises N x N for Cq != Cv.
+
+FlexAttention peer ("flex"): torch.compile'd flex_attention with scale=1.0; forward+backward on
+GPU, forward only on CPU (full sweep: its compilation takes minutes on 2 cores). A row says
+"unsupported" where it cannot run (no compilable backend, head sizes refused).
+
+CPU rows (SPEC §7, issue 15): fp32 and bf16 (reference in bf16 vs ours in bf16, which uses the
+CPU's bf16 matrix units where it has them; each row names the ISA), and "inputs" variants with
+the PAM logit std set to 8, 24 and 64 (DANet's real PAM logits span hundreds per row; the
+default inputs have logit std 0.64).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from danet_ops import _backends, channel_attention, position_attention
-from .conftest import cpu_sizes, devices, gpu_sizes, measure, sync
+from .conftest import FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
 
 C, CQ = 512, 64
+LOGIT_STDS = (8.0, 24.0, 64.0)
 
 
 def _cases():
+    """(device, dtype, B, H, W, logit std or None for the default inputs)."""
     for dev in devices():
         if dev == "cpu":
             for H, W in cpu_sizes():
-                yield dev, torch.float32, 1, H, W
+                yield dev, torch.float32, 1, H, W, None
+            for H, W in ([(64, 64), (96, 96), (128, 128)] if FULL else [(32, 32)]):
+                yield dev, torch.bfloat16, 1, H, W, None
         else:
             for H, W in gpu_sizes():
-                yield dev, torch.bfloat16, 2, H, W
+                yield dev, torch.bfloat16, 2, H, W, None
+
+
+def _std_cases():
+    """PAM with sharp logits (CPU): 64x128 in the full sweep, 32x32 in the short one."""
+    if "cpu" in devices():
+        H, W = (64, 128) if FULL else (32, 32)
+        for std in LOGIT_STDS:
+            yield "cpu", torch.float32, 1, H, W, std
+
+
+def _case_id(d, t, b, h, w, std):
+    return f"{d}-{str(t).split('.')[-1]}-B{b}-{h}x{w}" + (f"-std{std:g}" if std else "")
 
 
 CASES = list(_cases())
-CASE_IDS = [f"{d}-{str(t).split('.')[-1]}-B{b}-{h}x{w}" for d, t, b, h, w in CASES]
 
 
-def _backends_for(op, dev, dtype):
+def _backends_for(op, case):
+    dev, dtype, std = case[0], case[1], case[5]
     names = ["reference"] + [b for b in ("cpu", "cuda", "triton")
                              if _backends.check(b, op, torch.device(dev), dtype)[0]]
-    return names + (["sdpa"] if op == "pam" else [])
+    if op != "pam" or std is not None:
+        return names
+    peers = ["sdpa"] if (dev != "cpu" or dtype == torch.float32 or FULL) else []
+    if dev != "cpu" or FULL:
+        peers.append("flex")  # CPU: full sweep only (compile time)
+    return names + peers
 
 
 def _sdpa_pam(q, k, v, x, gamma):
@@ -54,9 +85,33 @@ def _sdpa_pam(q, k, v, x, gamma):
     return gamma * o.squeeze(1).transpose(1, 2).reshape(v.shape) + x
 
 
+_FLEX = {}
+
+
+def _flex_pam(q, k, v, x, gamma):
+    # FlexAttention, torch.compile'd (its only fast form), scale=1.0, [B, heads=1, N, C] layout.
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as exc:
+        raise Unsupported(f"flex_attention not in this torch: {exc}") from exc
+    fn = _FLEX.get("fn")
+    if fn is None:
+        fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    t = lambda a: a.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # noqa: E731
+    try:
+        o = fn(t(q), t(k), t(v), scale=1.0)
+    except Exception as exc:  # noqa: BLE001 - a compile or kernel refusal: an "unsupported" row
+        if torch.is_grad_enabled() and q.device.type == "cpu":
+            raise Unsupported(f"flex_attention backward on CPU: {type(exc).__name__}") from exc
+        raise Unsupported(f"flex_attention: {type(exc).__name__}: {str(exc)[:150]}") from exc
+    return gamma * o.squeeze(1).transpose(1, 2).reshape(v.shape) + x
+
+
 def _pam_fn(backend):
     if backend == "sdpa":
         return _sdpa_pam
+    if backend == "flex":
+        return _flex_pam
     return lambda q, k, v, x, g: position_attention(q, k, v, x, g, backend=backend)
 
 
@@ -91,30 +146,38 @@ def _bench(benchmark, record, fn, inputs, dev, info):
 
 
 def _params(op):
-    for case, cid in zip(CASES, CASE_IDS):
-        for backend in _backends_for(op, case[0], case[1]):
+    cases = CASES + (list(_std_cases()) if op == "pam" else [])
+    for case in cases:
+        for backend in _backends_for(op, case):
             for pas in ("fwdbwd", "fwd"):
-                yield pytest.param(case, backend, pas, id=f"{cid}-{backend}-{pas}")
+                if backend == "flex" and pas == "fwdbwd" and case[0] == "cpu":
+                    continue  # FlexAttention: forward only on CPU
+                if case[5] is not None and pas == "fwdbwd" and not FULL:
+                    continue  # sharp-logit rows: forward only in the short run
+                yield pytest.param(case, backend, pas, id=f"{_case_id(*case)}-{backend}-{pas}")
 
 
 @pytest.mark.parametrize("case,backend,pas", list(_params("pam")))
 def test_pam(benchmark, record, case, backend, pas):
-    dev, dtype, B, H, W = case
+    dev, dtype, B, H, W, std = case
     N = H * W
-    benchmark.group = f"pam-{pas}-{dev}-{H}x{W}"
+    variant = f"logit std {std:g}" if std else None
+    benchmark.group = f"pam-{pas}-{dev}-{H}x{W}" + (f"-std{std:g}" if std else "")
+    # q, k entries N(0, s^2) give logits E = q^T k with std sqrt(Cq) * s^2 (default s = 0.1).
+    s = (std / CQ ** 0.5) ** 0.5 if std else 0.1
     inputs = _inputs([(B, CQ, H, W), (B, CQ, H, W), (B, C, H, W), (B, C, H, W), (1,)], dev, dtype,
-                     [0.1, 0.1, 1.0, 1.0, 0.0])
+                     [s, s, 1.0, 1.0, 0.0])
     with torch.no_grad():
         inputs[4].fill_(0.5)
     per_image = 2 * N * N * ((CQ + C) if pas == "fwd" else (4 * CQ + 3 * C))
     _bench(benchmark, record, _pam_fn(backend), inputs, dev,
            dict(op="pam", backend=backend, device=dev, dtype=str(dtype).split(".")[-1], B=B, C=C,
-                Cq=CQ, H=H, W=W, N=N, flops=B * per_image, **{"pass": pas}))
+                Cq=CQ, H=H, W=W, N=N, flops=B * per_image, variant=variant, **{"pass": pas}))
 
 
 @pytest.mark.parametrize("case,backend,pas", list(_params("cam")))
 def test_cam(benchmark, record, case, backend, pas):
-    dev, dtype, B, H, W = case
+    dev, dtype, B, H, W, _ = case
     N = H * W
     benchmark.group = f"cam-{pas}-{dev}-{H}x{W}"
     inputs = _inputs([(B, C, H, W), (1,)], dev, dtype, [0.05, 0.0])
@@ -128,10 +191,17 @@ def test_cam(benchmark, record, case, backend, pas):
                 bytes=B * (2 if pas == "fwd" else 5) * C * N * inputs[0].element_size(), **{"pass": pas}))
 
 
-@pytest.mark.parametrize("dev", devices())
-def test_matmul_rate(benchmark, record, dev):
-    """The machine's dense matmul rate in this run: sgemm 4096^2 on CPU, bf16 8192^2 on GPU."""
-    n, dtype = (4096, torch.float32) if dev == "cpu" else (8192, torch.bfloat16)
+def _matmul_cases():
+    for dev in devices():
+        yield from ([(dev, torch.float32), (dev, torch.bfloat16)] if dev == "cpu" else [(dev, torch.bfloat16)])
+
+
+@pytest.mark.parametrize("dev,dtype", list(_matmul_cases()),
+                         ids=lambda v: str(v).split(".")[-1])
+def test_matmul_rate(benchmark, record, dev, dtype):
+    """The machine's dense matmul rate in this run: 4096^2 on CPU (fp32, and bf16 for the bf16
+    rows: oneDNN uses the bf16 matrix units where the CPU has them), bf16 8192^2 on GPU."""
+    n = 4096 if dev == "cpu" else 8192
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
 
@@ -139,7 +209,7 @@ def test_matmul_rate(benchmark, record, dev):
         torch.mm(a, b)
         sync(dev)
 
-    benchmark.group = f"matmul-{dev}"
+    benchmark.group = f"matmul-{dev}-{str(dtype).split('.')[-1]}"
     run()
     benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
     record(benchmark, op="matmul", backend="torch.mm", device=dev, dtype=str(dtype).split(".")[-1],

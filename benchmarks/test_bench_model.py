@@ -6,8 +6,9 @@ DANetHead; attention at 1/8 of the image: N = 8192 at 512x1024, 32768 at 1024x20
 step: forward in train mode, the released loss (cross-entropy summed over the three outputs),
 backward, SGD step. Inference: eval mode under torch.no_grad(). GPU: bf16 autocast, batch 2, both
 sizes in the full sweep (512x1024 in the short one); an out-of-memory case gives an "OOM" row.
-CPU (2 cores are slow): full sweep only, float32, batch 1, 512x1024, two timed inference calls
-and one timed training step (after the two warm-up calls every case makes).
+CPU (2 cores are slow): full sweep only, batch 1, 512x1024: inference in fp32 and under
+torch.autocast("cpu", bfloat16) (two timed calls each), and one timed fp32 training step (after
+the two warm-up calls every case makes). Each row names the CPU's matrix ISA.
 """
 import pytest
 import torch
@@ -27,19 +28,22 @@ def _cases():
             sizes, B = ([(512, 1024)] if FULL else []), 1
         else:
             sizes, B = ([(512, 1024), (1024, 2048)] if FULL else [(512, 1024)]), 2
-        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
-        backends = ["reference"] + [b for b in ("cpu", "cuda", "triton") if all(
-            _backends.check(b, op, torch.device(dev), dtype)[0] for op in ("pam", "cam"))]
+        # (mode, dtype): CPU infers in fp32 and under bf16 autocast and trains in fp32; the GPU
+        # does both under bf16 autocast.
+        runs = ([("infer", torch.float32), ("infer", torch.bfloat16), ("train", torch.float32)]
+                if dev == "cpu" else [("infer", torch.bfloat16), ("train", torch.bfloat16)])
         for H, W in sizes:
-            for mode in ("infer", "train"):
+            for mode, dtype in runs:
+                backends = ["reference"] + [b for b in ("cpu", "cuda", "triton") if all(
+                    _backends.check(b, op, torch.device(dev), dtype)[0] for op in ("pam", "cam"))]
                 for backend in backends:
                     yield pytest.param(dev, dtype, B, H, W, mode, backend,
-                                       id=f"{dev}-{mode}-B{B}-{H}x{W}-{backend}")
+                                       id=f"{dev}-{mode}-{str(dtype).split('.')[-1]}-B{B}-{H}x{W}-{backend}")
 
 
 @pytest.mark.parametrize("dev,dtype,B,H,W,mode,backend", list(_cases()))
 def test_danet_r50(benchmark, record, dev, dtype, B, H, W, mode, backend):
-    benchmark.group = f"model-{mode}-{dev}-{H}x{W}"
+    benchmark.group = f"model-{mode}-{dev}-{str(dtype).split('.')[-1]}-{H}x{W}"
     if dev == "cuda":
         torch.cuda.empty_cache()  # the previous case's model is gone: start from a clean cache
     torch.manual_seed(0)
@@ -47,7 +51,7 @@ def test_danet_r50(benchmark, record, dev, dtype, B, H, W, mode, backend):
     x = torch.randn(B, 3, H, W, device=dev)
     target = torch.randint(0, NCLASS, (B, H, W), device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    amp = torch.autocast("cuda", dtype=dtype, enabled=dev == "cuda")
+    amp = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
 
     def infer():
         with torch.no_grad(), amp:

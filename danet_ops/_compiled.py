@@ -78,8 +78,13 @@ def load():
                 how = _jit_build()
             else:
                 raise RuntimeError("danet_ops._C was not built and DANET_OPS_JIT=0 forbids the JIT build")
-            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward")
+            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward",
+                               o_fp32_on_cpu=True)
             _meta.register_cam("danet_ops::cam_forward", "danet_ops::cam_backward")
+            if _has_inference_ops():
+                _meta.register_inference("danet_ops::pam_forward_inference",
+                                         "danet_ops::cam_forward_inference")
+                _state["inference"] = True
             _register_export()
             _state.update(loaded=True, how=how)
         except Exception as exc:  # kept and reported by the backend chooser
@@ -112,9 +117,37 @@ def prebuilt_present():
     return _prebuilt() is not None
 
 
+def _has_inference_ops():
+    # A library built before the inference forms existed (csrc/cpu) simply lacks them.
+    return all(hasattr(torch.ops.danet_ops, f"{op}_forward_inference") for op in ("pam", "cam"))
+
+
+def _inference(device, *tensors):
+    """No gradient will be taken of this call (no_grad / inference_mode, or nothing requires
+    grad) and the tensors are on CPU, whose kernels have an inference form of the op. Exports
+    (torch.export, ONNX, jit.trace) keep the standard op, which has their lowerings."""
+    if device.type != "cpu" or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    if not _state.get("inference"):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def pam_forward(q, k, v, x, gamma, scale=1.0):
-    return torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
+    """(o, lse, y) as the pam_forward op; under inference on CPU (no gradient will be taken) the
+    inference form: nothing saved, no lse (None), O not kept beside y."""
+    if _inference(q.device, q, k, v, x, gamma):
+        out = torch.ops.danet_ops.pam_forward_inference(q, k, v, x, gamma, float(scale))
+        return out, None, out
+    o, lse, y = torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
+    # The CPU kernel returns O in fp32 for bf16/fp16 inputs (its backward computes
+    # Delta = sum dO*O from it); the caller gets v's dtype, like every backend.
+    return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
 
 
 def cam_forward(x, gamma, mode):
+    """(o, attn, y) as the cam_forward op; under inference on CPU the inference form (attn None)."""
+    if _inference(x.device, x, gamma):
+        out = torch.ops.danet_ops.cam_forward_inference(x, gamma, mode)
+        return out, None, out
     return torch.ops.danet_ops.cam_forward(x, gamma, mode)

@@ -17,11 +17,13 @@ def _residual_dtype(o_dtype, x, gamma):
 
 
 # ----------------------------------------------------------------------------- PAM
-def pam_forward_fake(q, k, v, x, gamma, scale=1.0):
+def pam_forward_fake(q, k, v, x, gamma, scale=1.0, o_fp32_on_cpu=False):
     # q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]: outputs have the queries' Nq.
     B, _, N = q.shape
     Cv = v.shape[1]
-    o = v.new_empty((B, Cv, N))
+    # The compiled CPU kernel keeps O in fp32 for bf16/fp16 inputs (its backward's Delta).
+    cpu32 = o_fp32_on_cpu and v.device.type == "cpu"
+    o = v.new_empty((B, Cv, N), dtype=_compute_dtype(v.dtype) if cpu32 else v.dtype)
     lse = q.new_empty((B, N), dtype=_compute_dtype(v.dtype))
     if x is None:
         y = v.new_empty((0,))
@@ -109,10 +111,13 @@ def _register_backward_op(backward_name):
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-def register_pam(forward_name, backward_name):
+def register_pam(forward_name, backward_name, o_fp32_on_cpu=False):
     """Fake kernels + autograd for a (forward, backward) pair of PAM ops, e.g.
     ("danet_ops::pam_forward", "danet_ops::pam_backward")."""
-    torch.library.register_fake(forward_name)(pam_forward_fake)
+    fake = pam_forward_fake
+    if o_fp32_on_cpu:  # the op returns O in fp32 for bf16/fp16 CPU inputs (compiled CPU kernel)
+        fake = lambda q, k, v, x, gamma, *extra: pam_forward_fake(q, k, v, x, gamma, *extra, o_fp32_on_cpu=True)  # noqa: E731
+    torch.library.register_fake(forward_name)(fake)
     torch.library.register_fake(backward_name)(pam_backward_fake)
     backward_op = _op(backward_name)
     torch.library.register_autograd(forward_name, _pam_autograd(backward_op),
@@ -127,6 +132,26 @@ def register_cam(forward_name, backward_name):
     torch.library.register_autograd(forward_name, _cam_autograd(backward_op),
                                     setup_context=_cam_setup_context)
     _register_backward_op(backward_name)
+
+
+def pam_forward_inference_fake(q, k, v, x, gamma, scale=1.0):
+    B, _, N = q.shape
+    if x is None:
+        return v.new_empty((B, v.shape[1], N))
+    return v.new_empty((B, v.shape[1], N), dtype=_residual_dtype(v.dtype, x, gamma))
+
+
+def cam_forward_inference_fake(x, gamma, mode):
+    if gamma is None:
+        return x.new_empty(x.shape)
+    return x.new_empty(x.shape, dtype=_residual_dtype(x.dtype, x, gamma))
+
+
+def register_inference(pam_name, cam_name):
+    """Fake kernels of the inference forms of the compiled CPU ops (the result only, nothing
+    saved; the callers use them only when no gradient will be taken)."""
+    torch.library.register_fake(pam_name)(pam_forward_inference_fake)
+    torch.library.register_fake(cam_name)(cam_forward_inference_fake)
 
 
 def _op(qualname):

@@ -174,3 +174,31 @@ def test_modes_differ():
     a = channel_attention(x, g, mode="original", backend="cpu")
     b = channel_attention(x, g, mode="paper", backend="cpu")
     assert max_err(a, b) > 1e-3
+
+
+# ----------------------------------------------------------------------------- issue 15: CPU
+@pytest.mark.parametrize("lowp", ["0", "1"], ids=["fp32-tiles", "lowp-tiles"])
+@pytest.mark.parametrize("mode", MODES)
+def test_lowp_path_forced(monkeypatch, mode, lowp):
+    # DANET_OPS_CPU_LOWP=1: bf16/fp16 products with fp32 accumulation (the Gram always sums in
+    # fp32); =0: fp32 products. Policy: 2x the reference's own error in that dtype.
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", lowp)
+    for dtype in (torch.float16, torch.bfloat16):
+        _compare(cam_inputs(2, 16, 23, 29, dtype=dtype), mode, FLOOR[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp16_gram_overflow_stays_finite_on_lowp_path(monkeypatch, mode):
+    # fp16 products on the low-precision path still sum the Gram in fp32: no overflow.
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", "1")
+    test_fp16_gram_overflow_stays_finite(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_form_matches_training_form(mode):
+    # Under no_grad the op runs its inference form (no attn, no O kept beside y): same bits.
+    x, g = cam_inputs(1, 24, 13, 17)
+    train = channel_attention(x.clone().requires_grad_(), g, mode=mode, backend="cpu")
+    with torch.inference_mode():
+        infer = channel_attention(x, g, mode=mode, backend="cpu")
+    assert infer.dtype == train.dtype and torch.equal(infer, train.detach())

@@ -285,3 +285,77 @@ def test_memory_contract_nq_ne_nk(nq, nk):
     assert fused <= max(linear, tile), f"largest allocation {fused} B (Nq x Nk = {nqk} B)"
     assert fused * 16 < nqk
     assert not [s for s in shapes if s[-2:] in ([nq, nk], [nk, nq])], "an op saw Nq x Nk"
+
+
+# ----------------------------------------------------------------------------- issue 15: CPU
+@pytest.mark.parametrize("lowp", ["0", "1"], ids=["fp32-tiles", "lowp-tiles"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_lowp_path_forced(monkeypatch, dtype, lowp):
+    # DANET_OPS_CPU_LOWP=1: bf16/fp16 tile products with fp32 accumulation and fp32 softmax
+    # statistics; =0: fp32 tiles. Both within the policy bound: 2x the reference's own error in
+    # that dtype (compare_to_oracle), for y and every gradient. N = 529: ragged 256-blocks; the
+    # sharp case (logit std ~25) is where P and dE rounded to bf16 matter most.
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", lowp)
+    for shape, qk in [((2, 8, 16, 17, 9), 0.5), ((1, 16, 12, 23, 23), 0.5), ((1, 16, 12, 23, 23), 2.5)]:
+        _compare("cpu", pam_inputs(*shape, dtype=dtype, qk_scale=qk), FLOOR[dtype])
+
+
+@pytest.mark.parametrize("lowp", ["0", "1"], ids=["fp32-tiles", "lowp-tiles"])
+def test_cpu_autocast_bf16_within_policy(monkeypatch, lowp):
+    # What torch.autocast("cpu", bf16) hands the op: bf16 q, k, v and fp32 x, gamma.
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", lowp)
+    q, k, v, _, _ = pam_inputs(1, 16, 32, 19, 19, dtype=torch.bfloat16, qk_scale=1.5)
+    x, g = torch.randn(v.shape), torch.tensor([0.5])
+    err, bound = lowp_bound(lambda *t: position_attention(*t, backend="cpu"),
+                            reference.position_attention, [q, k, v, x, g],
+                            reference.position_attention(*to64([q, k, v, x, g])))
+    assert err <= max(bound, 1e-5), (err, bound)  # floor: fp32 FLOOR for an fp32 result
+
+
+@pytest.mark.parametrize("std", [8.0, 24.0, 64.0])
+def test_cpu_sharp_logits_match_oracle(std):
+    # DANet's real PAM logits span hundreds per row: most exp(s - m) underflow. The kernel
+    # flushes them to 0 (no denormals); y and the gradients still match the fp64 oracle within
+    # the fp32 policy (2x the fp32 reference's own error, or the fp32 floor).
+    Cq = 16
+    qk = (std / Cq ** 0.5) ** 0.5      # E std = sqrt(Cq) * qk^2 for N(0, qk^2) entries
+    _compare("cpu", pam_inputs(1, Cq, 8, 20, 20, dtype=torch.float32, qk_scale=qk), FLOOR[torch.float32])
+
+
+def test_cpu_restores_the_callers_denormal_mode():
+    # The kernels set FTZ/DAZ inside their own tasks only and restore it: a caller that computes
+    # with denormals still gets them afterwards.
+    torch.set_flush_denormal(False)
+    q, k, v, x, g = pam_inputs(1, 8, 8, 16, 16, dtype=torch.float32, qk_scale=3.0)
+    position_attention(q, k, v, x, g, backend="cpu")
+    tiny = torch.tensor([1e-38]) / 16          # 6.25e-40: a denormal unless flushed
+    assert tiny.item() != 0.0
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_inference_form_matches_training_form(dtype, residual):
+    # Under no_grad / inference_mode the op runs its inference form (nothing saved, no lse, no O
+    # kept beside y): the same arithmetic, so the same bits as the differentiable form.
+    inputs = pam_inputs(1, 8, 16, 17, 19, dtype=dtype, residual=residual)
+    train = position_attention(*[None if t is None else t.clone().requires_grad_() for t in inputs],
+                               backend="cpu")
+    with torch.no_grad():
+        nograd = position_attention(*inputs, backend="cpu")
+    with torch.inference_mode():
+        infer = position_attention(*inputs, backend="cpu")
+    assert nograd.dtype == train.dtype and infer.dtype == train.dtype
+    assert torch.equal(nograd, train.detach()) and torch.equal(infer, train.detach())
+
+
+def test_cpu_inference_form_under_compile():
+    # The inference op has a fake kernel: torch.compile(fullgraph=True) traces it without breaks.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = PositionAttention(16, backend="cpu").eval()
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+        x = torch.randn(1, 16, 7, 9)
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert max_err(got, want) < 1e-6   # same kernel; only the graph around it differs
