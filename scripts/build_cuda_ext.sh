@@ -17,7 +17,8 @@
 #     never touched, built there with `setup.py build_ext --inplace`, DANET_OPS_CUDA=1,
 #     TORCH_CUDA_ARCH_LIST="8.0;9.0a" (sm_80 and sm_90a machine code) and the nvcc here.
 #     The .so is cached by a hash of csrc/, setup.py, the torch version, the arch list and the
-#     Python tag (~/.cache/danet_ops/so/<hash>/): an unchanged source tree is not rebuilt.
+#     Python tag (~/.cache/danet_ops/so/<hash>/): an unchanged source tree is not rebuilt; a
+#     changed one is built from scratch (~4 min on 2 idle cores).
 #  3. Asserts that danet_ops::pam_forward, pam_backward, cam_forward, cam_backward each have a
 #     CUDA (and a CPU) kernel registered, lists the embedded GPU architectures (cuobjdump) and the
 #     newest GLIBCXX symbol the .so needs (the GPU image's libstdc++ must provide it).
@@ -113,6 +114,10 @@ if [ "$REBUILD" = 1 ] || [ ! -f "$CACHED" ]; then
   say "building $SO_NAME (key $KEY) in $STAGE (about 4 min on 2 cores)"
   tb=$(date +%s)
   LOG=$CACHE/build-py$PYTAG.log
+  # A fresh build-temp each time: ninja decides by mtimes, and the staging copy keeps the
+  # checkout's mtimes, so objects from an older tree could look newer than changed sources.
+  # (The content-hash cache above is what makes an unchanged tree free.)
+  rm -rf "$CACHE/build-temp-py$PYTAG"
   if ! (cd "$STAGE" && DANET_OPS_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace \
           --build-temp "$CACHE/build-temp-py$PYTAG") >"$LOG" 2>&1 \
      || [ ! -f "$STAGE/danet_ops/$SO_NAME" ]; then
@@ -122,13 +127,12 @@ if [ "$REBUILD" = 1 ] || [ ! -f "$CACHED" ]; then
   fi
   grep "\[danet_ops build\]" "$LOG" | cut -c1-300 || true
   say "$(grep -ci "warning" "$LOG" || true) warning lines in $LOG"
-  mkdir -p "$(dirname "$CACHED")"
-  cp "$STAGE/danet_ops/$SO_NAME" "$CACHED"
   say "built in $(( $(date +%s) - tb )) s"
 else
   say "unchanged sources: cached $CACHED"
   cp "$CACHED" "$STAGE/danet_ops/$SO_NAME"
 fi
+SO=$STAGE/danet_ops/$SO_NAME
 
 # --- 3. the kernel check
 (cd "$STAGE" && "$PY" - <<'PY'
@@ -144,17 +148,20 @@ for op in ("pam_forward", "pam_backward", "cam_forward", "cam_backward"):
 if missing:
     raise SystemExit(f"[build_cuda_ext] FAILED: no kernel for {missing}")
 PY
-)
+) || { echo "[build_cuda_ext] FAILED: the library does not load with its kernels (above: e.g. a schema mismatch between csrc/register.cpp and a binding)" >&2; exit 1; }
 CUOBJDUMP=$(command -v cuobjdump || "$PY" -c 'import os, triton; p = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"); print(p if os.path.exists(p) else "")')
 if [ -n "$CUOBJDUMP" ]; then
-  archs=$("$CUOBJDUMP" --list-elf "$CACHED" 2>/dev/null | grep -o 'sm_[0-9]*a\?' | sort -u | tr '\n' ' ')
+  archs=$("$CUOBJDUMP" --list-elf "$SO" 2>/dev/null | grep -o 'sm_[0-9]*a\?' | sort -u | tr '\n' ' ')
   say "embedded GPU code: ${archs:-none found}"
   for want in sm_80 sm_90a; do
     case " $archs " in *" $want "*) ;; *) echo "[build_cuda_ext] FAILED: no $want code in the .so" >&2; exit 1 ;; esac
   done
 fi
-glibcxx=$(objdump -T "$CACHED" 2>/dev/null | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -1 || true)
+glibcxx=$(objdump -T "$SO" 2>/dev/null | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -1 || true)
 say "newest libstdc++ symbol needed: ${glibcxx:-?} (built with $(g++ --version | head -1))"
+
+mkdir -p "$(dirname "$CACHED")"   # cached only once it loads with all its kernels and archs
+cp -f "$SO" "$CACHED"
 
 # --- 4. where a GPU run takes it from
 mkdir -p "$ROOT/build/gpu/danet_ops"
