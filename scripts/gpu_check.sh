@@ -318,8 +318,10 @@ stage_d() {
     (cd "$ROOT" && "$PY" "$WORK/sanitize_case.py" cpu cpu)
     return
   fi
-  command -v compute-sanitizer >/dev/null || { echo "[d] compute-sanitizer not found: not checked"; return 3; }
-  (cd "$ROOT" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 7 \
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+  [ -n "$cs" ] || { echo "[d] compute-sanitizer not found: not checked"; return 3; }
+  (cd "$ROOT" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 7 \
      --print-limit 20 "$PY" "$WORK/sanitize_case.py" cuda cuda) >"$WORK/memcheck.txt" 2>&1
   local rc=$?
   cat "$WORK/memcheck.txt"
