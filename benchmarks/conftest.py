@@ -116,7 +116,7 @@ def cpu_lowp(dtype):
         return env != "0"
     caps = cpu_capabilities()
     if dtype == torch.bfloat16:
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+        return bool(caps.get("amx_bf16"))
     return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
 
 

@@ -9,8 +9,8 @@
 //    AVX512-BF16 / AMX where the CPU has them). Looked up as weak symbols: a torch without MKL
 //    simply has no low-precision path (fp32 tiles, as before).
 //  * use_lowp(dtype): whether bf16/fp16 inputs take that path: DANET_OPS_CPU_LOWP=0|1 forces
-//    it; by default bf16 when the CPU has AVX512-BF16 or AMX-BF16, fp16 when it has
-//    AVX512-FP16 or AMX-FP16 (elsewhere the low-precision GEMM is emulated and not faster).
+//    it; by default bf16 when the CPU has AMX-BF16, fp16 when it has AVX512-FP16 or AMX-FP16
+//    (see lowp_native: on AVX512-BF16 alone MKL's bf16 GEMM measured no faster than sgemm).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -71,10 +71,14 @@ inline bool lowp_gemm_available(at::ScalarType t) {
   return false;
 }
 
-// Whether the CPU runs `t` (bf16 / fp16) matrix products natively.
+// Whether the low-precision tile GEMMs are faster than fp32 tiles on this CPU: with AMX
+// (AMX-BF16 / AMX-FP16) or AVX512-FP16. Not on AVX512-BF16 alone: measured on a 2-core AMD EPYC
+// (AVX512-BF16, no AMX), MKL's bf16 GEMM on 256-wide tiles ran no faster than sgemm and the bf16
+// PAM forward took 1.24x the fp32-tile time, so there the fp32 tiles stay the default
+// (DANET_OPS_CPU_LOWP=1 still forces the bf16 tiles).
 inline bool lowp_native(at::ScalarType t) {
   static const bool amx = (cpu_has("amx_bf16") || cpu_has("amx_fp16")) && at::cpu::init_amx();
-  if (t == at::kBFloat16) return cpu_has("avx512_bf16") || (amx && cpu_has("amx_bf16"));
+  if (t == at::kBFloat16) return amx && cpu_has("amx_bf16");
   if (t == at::kHalf) return cpu_has("avx512_fp16") || (amx && cpu_has("amx_fp16"));
   return false;
 }
