@@ -237,7 +237,7 @@ def test_demo_preset_runs_as_configured(tmp_path, capsys):
                            "--synthetic-size", "64", "--batch-size", "2", "--iters", "2", "--no-progress",
                            "--num-vis", "1", "--out-dir", str(tmp_path)])
     assert (cfg.backbone, cfg.deep_stem, cfg.aux, cfg.crop_size) == ("mini", True, True, 96)
-    assert tuple(cfg.eval_scales) == (1.0, 1.25, 1.5) and cfg.eval_flip
+    assert tuple(cfg.eval_scales) == (1.0, 1.25) and cfg.eval_flip
     result = tr.train(cfg)
     assert len(result["losses"]) == 2 and 0.0 <= result["miou"] <= 1.0
     assert f"val mIoU: {result['miou']:.4f}" in capsys.readouterr().out
