@@ -16,6 +16,7 @@ import datetime
 import gc
 import json
 import os
+import pathlib
 import platform
 import re
 
@@ -229,7 +230,13 @@ def pytest_configure(config):
     if (getattr(opt, "benchmark_json", False) is None and not opt.collectonly
             and not getattr(opt, "benchmark_skip", False) and not getattr(opt, "benchmark_disable", False)):
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        opt.benchmark_json = open(os.path.join(RESULTS_DIR, f"pytest-benchmark-{_kind()}.json"), "wb")
+        path = os.path.join(RESULTS_DIR, f"pytest-benchmark-{_kind()}.json")
+        try:  # pytest-benchmark >= 5 opens the path itself; older versions want an open file
+            from importlib.metadata import version
+            new = int(version("pytest-benchmark").split(".")[0]) >= 5
+        except Exception:  # noqa: BLE001 - unknown version: assume the current API
+            new = True
+        opt.benchmark_json = pathlib.Path(path) if new else open(path, "wb")
 
 
 def pytest_terminal_summary(terminalreporter):
