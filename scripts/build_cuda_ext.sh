@@ -67,11 +67,11 @@ VENV=${DANET_OPS_CUDA_VENV:-$CACHE/venv-torch211-py$PYTAG}
 PY=$VENV/bin/python
 
 # --- 1. the venv (reinstalled when the requirement line changes)
-REQS="torch==$TORCH_PIN numpy<2.4 ninja pybind11 setuptools wheel pytest pytest-benchmark pytest-timeout tqdm matplotlib pillow"
+# (pyproject's build, test and train extras, with torch and numpy pinned; pytest-timeout as on the GPU image)
+REQS="torch==$TORCH_PIN numpy<2.4 ninja pybind11 setuptools>=64 wheel pytest>=8.1 pytest-benchmark>=5 pytest-timeout tqdm>=4.60 matplotlib>=3.7 PyYAML>=6 pillow"
 if [ ! -x "$PY" ] || [ "$(cat "$VENV/.danet_ops_reqs" 2>/dev/null)" != "$REQS" ]; then
-  say "creating $VENV with $BASE_PY ($("$BASE_PY" --version)): $REQS"
-  rm -rf "$VENV"
-  "$BASE_PY" -m venv "$VENV"
+  say "installing into $VENV with $BASE_PY ($("$BASE_PY" --version)): $REQS"
+  [ -x "$PY" ] || "$BASE_PY" -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086  # the requirement list is meant to split
   "$PY" -m pip install -q $REQS
