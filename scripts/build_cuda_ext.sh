@@ -67,8 +67,10 @@ VENV=${DANET_OPS_CUDA_VENV:-$CACHE/venv-torch211-py$PYTAG}
 PY=$VENV/bin/python
 
 # --- 1. the venv (reinstalled when the requirement line changes)
-# (pyproject's build, test and train extras, with torch and numpy pinned; pytest-timeout as on the GPU image)
-REQS="torch==$TORCH_PIN numpy<2.4 ninja pybind11 setuptools>=64 wheel pytest>=8.1 pytest-benchmark>=5 pytest-timeout tqdm>=4.60 matplotlib>=3.7 PyYAML>=6 pillow"
+# (pyproject's build, test and train extras read by scripts/requirements.py, with torch and numpy
+# pinned as on the GPU image; pytest-timeout as on the GPU image)
+REQS="torch==$TORCH_PIN numpy<2.4 pytest-timeout $("$BASE_PY" scripts/requirements.py build,test,train | grep -v '^numpy$' | tr '\n' ' ')"
+REQS=${REQS% }
 if [ ! -x "$PY" ] || [ "$(cat "$VENV/.danet_ops_reqs" 2>/dev/null)" != "$REQS" ]; then
   say "installing into $VENV with $BASE_PY ($("$BASE_PY" --version)): $REQS"
   [ -x "$PY" ] || "$BASE_PY" -m venv "$VENV"

@@ -14,36 +14,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] torch not found: installing the CPU build torch==2.13.0"
   "$PY" -m pip install -q torch==2.13.0
 fi
-# The requirements of the chosen extras, read from pyproject.toml (self-references such as
-# danet_ops[build,train] expanded), installed first so the build below finds its tools.
-mapfile -t REQS < <("$PY" - "$EXTRAS" <<'PY'
-import re, sys
-try:
-    import tomllib
-except ImportError:                      # Python 3.10: pip vendors the same parser
-    from pip._vendor import tomli as tomllib
-extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-seen, out = set(), list(project.get("dependencies", []))
-def add(name):
-    if name in seen:
-        return
-    if name not in extras:
-        sys.exit(f"[install] unknown extra {name!r}; pyproject.toml has {sorted(extras)}")
-    seen.add(name)
-    for req in extras[name]:
-        m = re.fullmatch(r"danet_ops\[(.*)\]", req)
-        if m:
-            for sub in m.group(1).split(","):
-                add(sub.strip())
-        else:
-            out.append(req)
-for e in sys.argv[1].split(","):
-    if e.strip():
-        add(e.strip())
-print("\n".join(dict.fromkeys(out)))
-PY
-)
+# The requirements of the chosen extras, read from pyproject.toml (scripts/requirements.py),
+# installed first so the build below finds its tools.
+mapfile -t REQS < <("$PY" scripts/requirements.py "$EXTRAS")
+[ "${#REQS[@]}" -gt 0 ] || { echo "[install] no requirements read for extras $EXTRAS" >&2; exit 1; }
 echo "[install] extras ${EXTRAS}: ${REQS[*]}"
 "$PY" -m pip install -q "${REQS[@]}"
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
