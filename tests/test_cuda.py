@@ -34,6 +34,7 @@ from conftest import (GPU_ON_CPU, cam_inputs, compare_to_oracle, make, max_err, 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Floors of the 2x-the-reference's-error bound: conftest.FLOOR's values (2u in fp16 / bf16).
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 CAM_NAMES = ("y", "dx", "dgamma")
