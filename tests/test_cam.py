@@ -131,7 +131,7 @@ def test_empty(shape, backend):
     assert x.grad.shape == x.shape
 
 
-class ReleasedCAM(torch.nn.Module):
+class CAM_Module(torch.nn.Module):
     """The released DANet CAM_Module's structure, written out for the compatibility test."""
 
     def __init__(self, in_dim):
@@ -153,7 +153,7 @@ class ReleasedCAM(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_released_state_dict_loads_and_matches(backend):
-    released = ReleasedCAM(24).double()
+    released = CAM_Module(24).double()
     with torch.no_grad():
         released.gamma.fill_(0.9)
     ours = ChannelAttention(mode="original", backend=backend).double()

@@ -190,7 +190,7 @@ def test_profiled_ops_record_no_nxn_shape():
 
 
 # ----------------------------------------------------------------------------- module
-class ReleasedPAM(torch.nn.Module):
+class PAM_Module(torch.nn.Module):
     """The released DANet PAM_Module's structure, written out for the compatibility test."""
 
     def __init__(self, in_dim):
@@ -215,7 +215,7 @@ class ReleasedPAM(torch.nn.Module):
 @pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
 def test_released_state_dict_loads_and_matches(backend):
     torch.manual_seed(0)
-    released = ReleasedPAM(32).double()
+    released = PAM_Module(32).double()
     with torch.no_grad():
         released.gamma.fill_(0.8)
     ours = PositionAttention(32, backend=backend).double()
