@@ -22,6 +22,9 @@ The math is the general one of SPEC §1: E = scale * q^T k with k/v having their
 positions Nk (taken from k and v, never from q), O = v softmax(E)^T: [B, Cv, Nq]. The `scale`
 argument is optional, so the same functions serve op schemas with and without it.
 """
+import os
+import sys
+
 import torch
 
 # Names of the forward ops per family, compiled and Triton (schemas: docs/ARCHITECTURE.md).
@@ -122,6 +125,24 @@ def _op(qualname):
     return None if packet is None else packet.default
 
 
+def _inductor_fallback(op):
+    """Keep the op fused under Inductor (torch.compile, AOTInductor) when CI is set.
+
+    Inductor runs an op it has no lowering for as an extern kernel (a "fallback"), creating the
+    fallback on first use. With the environment variable CI set, its make_fallback refuses an op
+    that has an entry in torch._decomp.decomposition_table (ours have one, for the ONNX exporter
+    above): "a decomposition exists, we should switch to it". Declaring the fallback ourselves
+    with warn=False keeps the fused op. Only done when CI is set or Inductor is already imported,
+    so a plain `import danet_ops` does not pay Inductor's import time (about a second).
+    """
+    if not (os.environ.get("CI") or "torch._inductor.lowering" in sys.modules):
+        return
+    from torch._inductor import lowering
+
+    if op not in lowering.lowerings:
+        lowering.make_fallback(op, warn=False)
+
+
 def register():
     """Register the ONNX lowerings for every danet_ops forward op that exists now (idempotent)."""
     from torch._decomp import register_decomposition
@@ -139,6 +160,7 @@ def register():
             if op is None:
                 continue
             register_decomposition(op)(math)
+            _inductor_fallback(op)
             try:
                 torch.onnx.register_custom_op_symbolic(name, legacy, LEGACY_OPSET)
             except Exception:  # torch without the TorchScript exporter: the dynamo path still works
