@@ -74,9 +74,7 @@ at::Tensor gram_symmetric(const at::Tensor& a, at::ScalarType ct) {
     for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
   const int64_t P = static_cast<int64_t>(pairs.size());
   at::Tensor E = at::empty({B, C, C}, a.options().dtype(ct));
-  at::parallel_for(0, B * P, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * P, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / P;
       const auto [I, J] = pairs[t % P];
@@ -95,9 +93,7 @@ at::Tensor gram_symmetric(const at::Tensor& a, at::ScalarType ct) {
 // row max is subtracted first, then exp with weights below e^-86.5 flushed to 0.
 at::Tensor softmax_rows(at::Tensor E, double s) {
   const int64_t B = E.size(0), C = E.size(1), R = 64, nR = (C + R - 1) / R;
-  at::parallel_for(0, B * nR, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nR, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nR, r0 = (t % nR) * R, br = std::min(R, C - r0);
       at::Tensor e = E[b].narrow(0, r0, br);
@@ -130,9 +126,7 @@ void cam_forward_impl(const at::Tensor& x_, const std::optional<at::Tensor>& gam
   if (residual) y = at::empty({B, C, N}, fopt.dtype(at::promote_types(x_.scalar_type(),
                                                                         gamma_->scalar_type())));
   const int64_t nN = (N + kNBlock - 1) / kNBlock;
-  at::parallel_for(0, B * nN, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nN, [&](int64_t begin, int64_t end) {
     at::Tensor obuf = write_o ? at::Tensor() : at::empty({C, kNBlock}, fopt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nN, n0 = (t % nN) * kNBlock, bn = std::min(kNBlock, N - n0);
@@ -194,9 +188,7 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(
   // dA = g * dy a^T  [B, C, C], by channel row blocks (full product: dA is not symmetric).
   const int64_t nb = (C + kChannelBlock - 1) / kChannelBlock;
   at::Tensor dA = at::empty({B, C, C}, fopt);
-  at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nb, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nb, i0 = (t % nb) * kChannelBlock, bi = std::min(kChannelBlock, C - i0);
       at::Tensor d = dA[b].narrow(0, i0, bi);
@@ -213,9 +205,7 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(
   at::Tensor dx = at::empty({B, C, N}, fopt);
   const int64_t nN = (N + kNBlock - 1) / kNBlock;
   at::Tensor dgamma_part = at::zeros({B * nN}, fopt);
-  at::parallel_for(0, B * nN, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nN, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nN, n0 = (t % nN) * kNBlock, bn = std::min(kNBlock, N - n0);
       at::Tensor d = dx[b].narrow(1, n0, bn);

@@ -14,6 +14,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/Utils.h>
 
 #include <cstdint>
@@ -57,6 +59,18 @@ class FlushDenormals {
  private:
   unsigned int saved_ = 0;
 };
+
+// at::parallel_for over tasks [0, n) (grain 1), each chunk fn(begin, end) running the way every
+// task of our kernels must: below autograd (the tile ops are ATen calls on views of inputs that
+// may require grad; the guard is thread-local, so it is set in each worker) and with FTZ/DAZ.
+template <class F>
+void parallel_tasks(int64_t n, const F& fn) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
+    FlushDenormals ftz;
+    fn(begin, end);
+  });
+}
 
 // CPU features from torch's cpuinfo ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16").
 inline bool cpu_has(const std::string& what) {

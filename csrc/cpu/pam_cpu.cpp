@@ -117,9 +117,7 @@ void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tens
   }
 
   const int64_t BM = kBlockM, BN = kBlockN, nI = (N + BM - 1) / BM;
-  at::parallel_for(0, B * nI, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     at::Tensor S = at::empty({BM, BN}, fopt);                  // one tile of E, then of P
     at::Tensor Pl = ot == ct ? S : at::empty({BM, BN}, q.options());  // P in the operand dtype
     at::Tensor acc_buf = need_o ? at::Tensor() : at::empty({Cv, BM}, fopt);
@@ -227,9 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
   const bool dy_rounded = dy.scalar_type() != dy_.scalar_type() && ot != ct;
   at::Tensor rowdot = at::empty({B, N}, fopt);
   at::Tensor rowdot_op = dy_rounded ? at::empty({B, N}, fopt) : rowdot;
-  at::parallel_for(0, B * nI, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nI, i0 = (t % nI) * BM, bm = std::min(BM, N - i0);
       const at::Tensor ob = as_type(o_[b].narrow(1, i0, bm), ct);
@@ -250,9 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
   at::Tensor dk = at::zeros({B, Cq, Nk}, fopt);
   at::Tensor dv = at::zeros({B, Cv, Nk}, fopt);
 
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    BelowAutograd below_autograd_worker;
-    cpu::FlushDenormals ftz;
+  cpu::parallel_tasks(B * G, [&](int64_t begin, int64_t end) {
     at::Tensor P = at::empty({BM, BN}, fopt);
     at::Tensor dE = at::empty({BM, BN}, fopt);
     at::Tensor Pl = ot == ct ? P : at::empty({BM, BN}, q.options());
