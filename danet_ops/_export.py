@@ -27,6 +27,8 @@ import sys
 
 import torch
 
+from ._contract import stats_dtype  # fp16/bf16 models: the attention math in fp32 (SPEC §4)
+
 # Names of the forward ops per family, compiled and Triton (schemas: docs/ARCHITECTURE.md).
 PAM_OPS = ("danet_ops::pam_forward", "danet_ops::pam_forward_triton")
 CAM_OPS = ("danet_ops::cam_forward", "danet_ops::cam_forward_triton")
@@ -35,15 +37,10 @@ LEGACY_OPSET = 13  # Softmax(axis=-1) with per-axis semantics; the symbolics cov
 _registered = set()
 
 
-def _compute_dtype(dtype):
-    # fp16/bf16 models: the attention math runs in fp32 (SPEC §4: fp32 accumulation and softmax).
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- ATen math (dynamo path)
 def pam_math(q, k, v, x=None, gamma=None, scale=1.0):
     """(o, lse, y) of `pam_forward` in plain ATen ops; q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]."""
-    ct = _compute_dtype(v.dtype)
+    ct = stats_dtype(v.dtype)
     qc, kc, vc = (t if t.dtype == ct else t.to(ct) for t in (q, k, v))
     e = torch.bmm(qc.transpose(1, 2), kc)                      # [B, Nq, Nk]
     if scale is not None and float(scale) != 1.0:
@@ -62,7 +59,7 @@ def pam_math(q, k, v, x=None, gamma=None, scale=1.0):
 
 def cam_math(x, gamma=None, mode="original"):
     """(o, attn, y) of `cam_forward` in plain ATen ops; x [B, C, N]."""
-    ct = _compute_dtype(x.dtype)
+    ct = stats_dtype(x.dtype)
     a = x if x.dtype == ct else x.to(ct)
     e = torch.bmm(a, a.transpose(1, 2))                         # [B, C, C]
     # "original": softmax(rowmax(E) - E) == softmax(-E) (softmax is shift-invariant per row)

@@ -6,14 +6,11 @@ the autograd formula (forward op -> explicit backward op). It holds no kernels i
 """
 import torch
 
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._contract import output_dtype, stats_dtype
 
 
 def _residual_dtype(o_dtype, x, gamma):
-    # dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part).
-    return torch.promote_types(torch.promote_types(o_dtype, x.dtype), gamma.dtype)
+    return output_dtype(o_dtype, x.dtype, gamma.dtype)   # the contract's promote(v, x, gamma)
 
 
 # ----------------------------------------------------------------------------- PAM
@@ -23,8 +20,8 @@ def pam_forward_fake(q, k, v, x, gamma, scale=1.0, o_fp32_on_cpu=False):
     Cv = v.shape[1]
     # The compiled CPU kernel keeps O in fp32 for bf16/fp16 inputs (its backward's Delta).
     cpu32 = o_fp32_on_cpu and v.device.type == "cpu"
-    o = v.new_empty((B, Cv, N), dtype=_compute_dtype(v.dtype) if cpu32 else v.dtype)
-    lse = q.new_empty((B, N), dtype=_compute_dtype(v.dtype))
+    o = v.new_empty((B, Cv, N), dtype=stats_dtype(v.dtype) if cpu32 else v.dtype)
+    lse = q.new_empty((B, N), dtype=stats_dtype(v.dtype))
     if x is None:
         y = v.new_empty((0,))
     else:
@@ -33,7 +30,7 @@ def pam_forward_fake(q, k, v, x, gamma, scale=1.0, o_fp32_on_cpu=False):
 
 
 def pam_backward_fake(dy, q, k, v, o, lse, gamma, scale=1.0):
-    ct = _compute_dtype(v.dtype)
+    ct = stats_dtype(v.dtype)
     dgamma = q.new_empty((1,) if gamma is not None else (0,), dtype=ct)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgamma)
 
@@ -68,7 +65,7 @@ def _pam_autograd(backward_op):
 def cam_forward_fake(x, gamma, mode):
     B, C, N = x.shape
     o = x.new_empty((B, C, N))
-    attn = x.new_empty((B, C, C), dtype=_compute_dtype(x.dtype))
+    attn = x.new_empty((B, C, C), dtype=stats_dtype(x.dtype))
     if gamma is None:
         y = x.new_empty((0,))
     else:
@@ -77,7 +74,7 @@ def cam_forward_fake(x, gamma, mode):
 
 
 def cam_backward_fake(dy, x, attn, o, gamma, mode):
-    dgamma = x.new_empty((1,) if gamma is not None else (0,), dtype=_compute_dtype(x.dtype))
+    dgamma = x.new_empty((1,) if gamma is not None else (0,), dtype=stats_dtype(x.dtype))
     return x.new_empty(x.shape), dgamma
 
 

@@ -10,10 +10,7 @@ rows asked for, in fp32 (fp64 for fp64 inputs), with the reference's formulas:
 import torch
 
 from . import _validate
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._contract import stats_dtype
 
 
 def attention_map(q, k, index, scale=1.0):
@@ -36,7 +33,7 @@ def attention_map(q, k, index, scale=1.0):
         raise ValueError(f"index must lie in [0, Nq = {Nq}); got min {index.min().item()}, "
                          f"max {index.max().item()}")
     index = index.to(q.device)
-    ct = _compute_dtype(q.dtype)
+    ct = stats_dtype(q.dtype)
     qs = q.flatten(2).index_select(2, index).to(ct)            # [B, Cq, L]
     energy = torch.bmm(qs.transpose(1, 2), k.flatten(2).to(ct))  # [B, L, Nk]
     if scale != 1.0:
@@ -49,7 +46,7 @@ def channel_attention_map(x, mode="original"):
     or [B, C, N]. Rows sum to 1; the Gram product is accumulated in fp32, so fp16 inputs whose
     E exceeds 65504 stay finite."""
     _validate.check_cam(x, None, mode)
-    a = x.flatten(2).to(_compute_dtype(x.dtype))
+    a = x.flatten(2).to(stats_dtype(x.dtype))
     energy = torch.bmm(a, a.transpose(1, 2))
     if mode == "original":
         energy = energy.amax(-1, keepdim=True) - energy

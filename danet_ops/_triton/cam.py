@@ -13,6 +13,7 @@ import torch
 from . import _common as C
 from . import kernels as K
 from .pam import _on, _strides, rowdot, triton_cdiv
+from .._contract import output_dtype
 
 MODES = ("original", "paper")
 
@@ -69,7 +70,7 @@ def forward(x, gamma, mode):
     o = torch.empty((B, Cc, N), dtype=x.dtype, device=dev)
     attn = torch.empty((B, Cc, Cc), dtype=torch.float32, device=dev)
     if residual:
-        y = torch.empty((B, Cc, N), dtype=torch.promote_types(x.dtype, gamma.dtype), device=dev)
+        y = torch.empty((B, Cc, N), dtype=output_dtype(x.dtype, x.dtype, gamma.dtype), device=dev)
     else:
         y = x.new_empty((0,))
     if B == 0 or Cc == 0:

@@ -18,6 +18,7 @@ import torch
 
 from . import _common as C
 from . import kernels as K
+from .._contract import output_dtype
 
 _AUTOTUNE_KEY = ["N_KEY", "NK_KEY", "CQ", "CV"]
 LOG2E = 1.4426950408889634
@@ -72,7 +73,7 @@ def forward(q, k, v, x, gamma, scale=1.0):
     o = torch.empty((B, Cv, N), dtype=v.dtype, device=dev)
     lse = torch.empty((B, N), dtype=torch.float32, device=dev)
     if residual:
-        y_dtype = torch.promote_types(torch.promote_types(v.dtype, x.dtype), gamma.dtype)
+        y_dtype = output_dtype(v.dtype, x.dtype, gamma.dtype)
         y = torch.empty((B, Cv, N), dtype=y_dtype, device=dev)
     else:
         y = v.new_empty((0,))
