@@ -62,7 +62,7 @@ def check_scale(scale):
     return float(scale)
 
 
-def check_pam(q, k, v, x, gamma, scale=1.0):
+def check_pam(q, k, v, x, gamma):
     """Validate position_attention's arguments; returns (B, Cq, Cv, Nq, Nk).
 
     q: [B, Cq, Hq, Wq] or [B, Cq, Nq]; k: [B, Cq, Hk, Wk] or [B, Cq, Nk]; v: k's spatial shape
@@ -71,7 +71,6 @@ def check_pam(q, k, v, x, gamma, scale=1.0):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t)
         _rank(name, t)
-    check_scale(scale)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.dim() != v.dim():
         raise ValueError(f"k and v must have the same rank; got {shapes}")

@@ -18,8 +18,8 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
     O = v Aᵀ -> [B, Cv, *q's spatial shape]. Returns gamma * O + x when x (the output's shape)
     and gamma are given, else O. Memory O((Nq + Nk) * C) on the fused backends.
     """
-    B, _, Cv, Nq, Nk = _validate.check_pam(q, k, v, x, gamma, scale)
     scale = _validate.check_scale(scale)
+    B, _, Cv, Nq, Nk = _validate.check_pam(q, k, v, x, gamma)
     gamma = _validate.as_gamma(gamma, v)
     name = _backends.resolve(backend, "pam", q.device, q.dtype)
     if name == "reference" or B == 0 or Nq == 0 or Nk == 0:

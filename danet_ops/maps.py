@@ -21,8 +21,8 @@ def attention_map(q, k, index, scale=1.0):
     Returns [B, len(index), Nk] in fp32 (fp64 for fp64 inputs), each row summing to 1; reshape
     a row to k's (Hk, Wk) for a heat map. Memory O(len(index) * Nk), never Nq x Nk.
     """
-    _validate.check_pam(q, k, k, None, None, scale)
     scale = _validate.check_scale(scale)
+    _validate.check_pam(q, k, k, None, None)
     Nq = q.flatten(2).shape[2]
     index = torch.as_tensor(index)
     if index.dim() != 1 or index.dtype in (torch.bool,) or index.is_floating_point():
