@@ -210,7 +210,8 @@ def test_import_is_lazy_and_never_touches_the_gpu():
     # Importing the package and asking available() must not load the kernel modules nor
     # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
     code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
-            "assert 'danet_ops._triton.kernels' not in sys.modules; "
+            "assert not {'danet_ops._triton.pam_kernels', 'danet_ops._triton.cam_kernels', "
+            "'danet_ops._triton._common_kernels'} & set(sys.modules); "
             "assert 'danet_ops._triton.pam' not in sys.modules; "
             "assert not torch.cuda.is_initialized(); print(ok)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -237,7 +238,9 @@ def _capture_launches(run, capability=(9, 0)):
     """Run host code with every kernel replaced by a recorder: [(kernel, args, constexprs,
     num_warps, num_stages)] exactly as a GPU launch would get them, with the first autotune
     candidate that the real pruner keeps for those arguments."""
-    from danet_ops._triton import cam, kernels, pam
+    from danet_ops._triton import cam, cam_kernels, pam, pam_kernels
+    kernels = type("Kernels", (), {n: getattr(m, n) for m in (pam_kernels, cam_kernels)
+                                   for n in dir(m) if n.endswith("_kernel")})
 
     launches = []
 
