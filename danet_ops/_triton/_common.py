@@ -9,6 +9,7 @@ first imported, according to TRITON_INTERPRET at that moment. `interpreting()` r
 import functools
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -93,6 +94,34 @@ def n_key(n):
     return next_pow2(max(int(n), 1))
 
 
+# ----------------------------------------------------------------------------- host helpers
+def strides(t):
+    return tuple(t.stride())
+
+
+def on_device(t):
+    """Context for launches on t's CUDA device (Triton launches on the current device and
+    stream); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device_of(t)
+
+
+def rowdot(kernels, dy, o, round_dy=False):
+    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N] (round_dy: dy rounded to o's dtype).
+    kernels: the caller's kernel module (its rowdot_kernel, from _common_kernels)."""
+    import triton
+
+    B, Cc, N = o.shape
+    r = torch.empty((B, N), dtype=torch.float32, device=o.device)
+    if B == 0 or N == 0:
+        return r
+    meta, warps = fixed("rowdot", o.device)
+    with on_device(o):
+        kernels.rowdot_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B)](
+            dy, o, r, N, Cc, *strides(dy), *strides(o), *strides(r),
+            ROUND_DY=round_dy, num_warps=warps, **meta)
+    return r
+
+
 # ----------------------------------------------------------------------------- device facts
 @functools.lru_cache(maxsize=None)
 def _props(index):
@@ -108,7 +137,7 @@ def device_props(device):
 
 
 def sm_count(device):
-    return 4 if device.type == "cpu" else device_props(device)[1]
+    return device_props(device)[1]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -131,53 +160,72 @@ GPU_FIXED = {
 # The backward's value-channel chunk (dK partials are per chunk, so it is chosen before launch).
 PAM_BWD_BLOCK_CV = {"gpu": 128, "interp": 16}
 
-# Autotune candidates per kernel: (meta, num_warps, num_stages), for sm90 (H100/H200) and sm80
-# (A100; also used for other GPUs, pruned by their shared memory). "dims" names the size each
-# meta-parameter tiles (a tile larger than that size, rounded up to a power of two, is pruned);
-# "operand" is the argument whose element size the shared-memory estimate uses. "ieee" lists the
-# candidates for fp32 operands with exact IEEE dots (TF32 not allowed): those dots run on FMA
-# units, whose operand layouts replicate tiles per thread, and the tensor-core sized tiles above
-# spill heavily there (ptxas, offline compile); these small tiles do not.
+# Autotune candidates per kernel, for sm90 (H100/H200) and sm80 (A100; also used for other GPUs,
+# pruned by their shared memory), each a Tile(group, meta, num_warps, num_stages). "dims" names
+# the size each meta-parameter tiles (a tile larger than that size, rounded up to a power of two,
+# is pruned); "operand" is the argument whose element size the shared-memory estimate uses.
+# Group IEEE: the candidates for fp32 operands with exact IEEE dots (TF32 not allowed): those
+# dots run on FMA units, whose operand layouts replicate tiles per thread, and the tensor-core
+# sized tiles of the arch groups spill heavily there (ptxas, offline compile); these small tiles
+# do not. A kernel with an IEEE group runs exactly one of the two groups per call (the pruner
+# selects by Tile.group); a kernel without one runs its arch group for every dtype.
+IEEE = "ieee"
+
+
+class Tile(NamedTuple):
+    group: str          # "sm90", "sm80" or IEEE
+    meta: tuple         # values of the table's "names", in order
+    num_warps: int
+    num_stages: int
+
+
+def _tiles(group, rows):
+    return [Tile(group, meta, warps, stages) for meta, warps, stages in rows]
+
+
 _TABLE = {
     "pam_fwd": {
-        "sm90": [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2), ((128, 128, 64), 8, 3),
-                 ((64, 64, 128), 4, 3), ((64, 128, 64), 4, 4), ((128, 32, 128), 8, 4)],
-        "sm80": [((128, 64, 128), 8, 2), ((128, 32, 128), 8, 3), ((64, 64, 128), 4, 3),
-                 ((64, 64, 64), 4, 4), ((128, 64, 64), 4, 3)],
-        "ieee": [((32, 32, 64), 4, 2), ((32, 32, 64), 4, 3)],
+        "tiles": _tiles("sm90", [((128, 64, 128), 8, 3), ((128, 128, 128), 8, 2),
+                                 ((128, 128, 64), 8, 3), ((64, 64, 128), 4, 3),
+                                 ((64, 128, 64), 4, 4), ((128, 32, 128), 8, 4)])
+        + _tiles("sm80", [((128, 64, 128), 8, 2), ((128, 32, 128), 8, 3), ((64, 64, 128), 4, 3),
+                          ((64, 64, 64), 4, 4), ((128, 64, 64), 4, 3)])
+        + _tiles(IEEE, [((32, 32, 64), 4, 2), ((32, 32, 64), 4, 3)]),
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("NQ", "NK", "CV"), "operand": "Q",
     },
     "pam_dkdv": {
-        "sm90": [((64, 128), 8, 2), ((64, 64), 8, 3), ((32, 128), 8, 3), ((32, 64), 4, 3)],
-        "sm80": [((64, 64), 4, 2), ((32, 128), 8, 2), ((32, 64), 4, 3)],
-        "ieee": [((16, 16), 4, 2)],
+        "tiles": _tiles("sm90", [((64, 128), 8, 2), ((64, 64), 8, 3), ((32, 128), 8, 3),
+                                 ((32, 64), 4, 3)])
+        + _tiles("sm80", [((64, 64), 4, 2), ((32, 128), 8, 2), ((32, 64), 4, 3)])
+        + _tiles(IEEE, [((16, 16), 4, 2)]),
         "names": ("BLOCK_M", "BLOCK_N"), "dims": ("NQ", "NK"), "operand": "Q",
     },
     "pam_dq": {
-        "sm90": [((128, 64, 64), 8, 2), ((64, 64, 64), 4, 3), ((128, 32, 128), 8, 2),
-                 ((64, 128, 64), 8, 2)],
-        "sm80": [((64, 64, 64), 4, 2), ((128, 32, 64), 8, 2), ((64, 32, 128), 4, 3)],
-        "ieee": [((32, 32, 32), 4, 2)],
+        "tiles": _tiles("sm90", [((128, 64, 64), 8, 2), ((64, 64, 64), 4, 3),
+                                 ((128, 32, 128), 8, 2), ((64, 128, 64), 8, 2)])
+        + _tiles("sm80", [((64, 64, 64), 4, 2), ((128, 32, 64), 8, 2), ((64, 32, 128), 4, 3)])
+        + _tiles(IEEE, [((32, 32, 32), 4, 2)]),
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_CV"), "dims": ("NQ", "NK", "CV"), "operand": "Q",
     },
     "cam_mm": {
-        "sm90": [((64, 128), 4, 4), ((128, 64), 8, 3), ((64, 64), 4, 4), ((128, 128), 8, 3)],
-        "sm80": [((64, 64), 4, 4), ((128, 32), 4, 4), ((128, 64), 8, 3)],
-        "ieee": [((64, 32), 4, 2), ((32, 64), 4, 3), ((128, 32), 8, 2)],
+        "tiles": _tiles("sm90", [((64, 128), 4, 4), ((128, 64), 8, 3), ((64, 64), 4, 4),
+                                 ((128, 128), 8, 3)])
+        + _tiles("sm80", [((64, 64), 4, 4), ((128, 32), 4, 4), ((128, 64), 8, 3)])
+        + _tiles(IEEE, [((64, 32), 4, 2), ((32, 64), 4, 3), ((128, 32), 8, 2)]),
         "names": ("BLOCK_C", "BLOCK_K"), "dims": ("C", "N"), "operand": "Y",
     },
     "cam_apply": {
-        "sm90": [((64, 128, 64), 4, 3), ((128, 128, 64), 8, 3), ((128, 64, 64), 4, 4),
-                 ((64, 256, 32), 8, 3)],
-        "sm80": [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3), ((64, 64, 64), 4, 4)],
+        "tiles": _tiles("sm90", [((64, 128, 64), 4, 3), ((128, 128, 64), 8, 3),
+                                 ((128, 64, 64), 4, 4), ((64, 256, 32), 8, 3)])
+        + _tiles("sm80", [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3), ((64, 64, 64), 4, 4)]),
         "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
     },
-}
-_TABLE["cam_dx"] = {  # three fp32 [M, K] tiles (A^T, G, G^T) per step: smaller K than cam_apply
-    "sm90": [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3), ((64, 64, 32), 4, 4),
-             ((128, 64, 32), 4, 3)],
-    "sm80": [((64, 128, 32), 8, 2), ((128, 64, 32), 8, 2), ((64, 64, 32), 4, 3)],
-    "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
+    "cam_dx": {  # three fp32 [M, K] tiles (A^T, G, G^T) per step: smaller K than cam_apply
+        "tiles": _tiles("sm90", [((64, 128, 32), 4, 3), ((128, 128, 32), 8, 3),
+                                 ((64, 64, 32), 4, 4), ((128, 64, 32), 4, 3)])
+        + _tiles("sm80", [((64, 128, 32), 8, 2), ((128, 64, 32), 8, 2), ((64, 64, 32), 4, 3)]),
+        "names": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dims": ("C", "N", "C"), "operand": "X",
+    },
 }
 
 
@@ -208,29 +256,44 @@ def _smem_estimate(name, meta, stages, args):
     return stages * k * (3 * 4 * meta["BLOCK_M"] + 2 * es * meta["BLOCK_N"])
 
 
+def _launch_key(meta, num_warps, num_stages):
+    return tuple(sorted(meta.items())), num_warps, num_stages
+
+
 def candidates(name, capability):
-    """triton.Config candidates for a kernel on a device: its arch table plus, when it has one,
-    the IEEE-fp32 list (the pruner keeps exactly one of the two groups per call)."""
+    """triton.Config candidates for a kernel on a device: its arch group plus, when it has one,
+    its IEEE group (the pruner keeps exactly one of the two groups per call)."""
     import triton
 
     table = _TABLE[name]
-    rows = table[_arch_name(capability)] + table.get("ieee", [])
-    return [triton.Config(dict(zip(table["names"], meta)), num_warps=w, num_stages=s)
-            for meta, w, s in rows]
+    groups = (_arch_name(capability), IEEE)
+    return [triton.Config(dict(zip(table["names"], t.meta)), num_warps=t.num_warps,
+                          num_stages=t.num_stages)
+            for t in table["tiles"] if t.group in groups]
 
 
 def _prune(name, smem_limit):
     table = _TABLE[name]
     tiled = dict(zip(table["names"], table["dims"]))
-    n_ieee = len(table.get("ieee", []))
+    # The groups each launch configuration is listed in (a config is matched to its Tile by its
+    # launch parameters: triton passes the pruner the Config objects, which carry no group).
+    groups_of = {}
+    for t in table["tiles"]:
+        key = _launch_key(dict(zip(table["names"], t.meta)), t.num_warps, t.num_stages)
+        groups_of.setdefault(key, set()).add(t.group)
+    has_ieee = any(t.group == IEEE for t in table["tiles"])
+
+    def _in_group(cfg, ieee):
+        groups = groups_of.get(_launch_key(cfg.kwargs, cfg.num_warps, cfg.num_stages), set())
+        return IEEE in groups if ieee else bool(groups - {IEEE})
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         operand = named_args[table["operand"]]
         args["elt"] = operand.element_size()
-        if n_ieee:  # the IEEE-fp32 group for exact fp32 dots, the arch group otherwise
+        if has_ieee:  # the IEEE group for exact fp32 dots, the arch group otherwise
             ieee = operand.dtype == torch.float32 and args.get("PREC") == "ieee"
-            configs = configs[-n_ieee:] if ieee else configs[:-n_ieee]
+            configs = [c for c in configs if _in_group(c, ieee)]
 
         def fits(cfg):
             for meta_name, size in cfg.kwargs.items():

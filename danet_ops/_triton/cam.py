@@ -1,4 +1,4 @@
-"""Host side of the Triton CAM ops: checks, allocation, grids, launches (kernels.py).
+"""Host side of the Triton CAM ops: checks, allocation, grids, launches (cam_kernels.py).
 
 forward:  cam_mm_nt_partial_kernel (SYMMETRIC: upper block pairs of E = a a^T, split over N)
           cam_softmax_kernel (sum the partials in fixed order, mirror, softmax rows) -> attn
@@ -9,20 +9,22 @@ backward: rowdot_kernel -> dgamma = sum(dy o)                       (gamma given
           cam_bwd_dx_kernel (dx = A^T dO + (G + G^T) a + dy)
 """
 import torch
+from triton import cdiv
 
 from . import _common as C
-from . import kernels as K
-from .pam import _on, _strides, rowdot, triton_cdiv
-from .._contract import output_dtype
+from . import cam_kernels as K
+from .._contract import CAM_MODES, output_dtype
 
-MODES = ("original", "paper")
+# CAM_MODES[0], the released code's mode: A = softmax(rowmax(E) - E) = softmax(-E); the other
+# (the paper's Eq. 3): A = softmax(E).
+_NEGATED = CAM_MODES[0]
 
 
 def _check(x, gamma, mode, what):
     if x.dim() != 3:
         raise ValueError(f"{what} (triton): x must be [B, C, N]; got {tuple(x.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"{what} (triton): mode must be one of {MODES}; got {mode!r}")
+    if mode not in CAM_MODES:
+        raise ValueError(f"{what} (triton): mode must be one of {CAM_MODES}; got {mode!r}")
     if gamma is not None and gamma.numel() != 1:
         raise ValueError(f"{what} (triton): gamma must have one element; got {tuple(gamma.shape)}")
     C.check_dtypes((("x", x), ("gamma", gamma)))
@@ -35,13 +37,13 @@ def _splits(B, Cc, N, device, symmetric):
     if device.type == "cpu":              # interpreter: at most 2 splits (tests exercise both paths)
         want, min_chunk, align = 2, 32, 16
     else:
-        t = triton_cdiv(Cc, 64)
+        t = cdiv(Cc, 64)
         blocks = t * (t + 1) // 2 if symmetric else t * t
-        want = triton_cdiv(2 * C.sm_count(device), blocks * B)
+        want = cdiv(2 * C.sm_count(device), blocks * B)
         min_chunk, align = 1024, 128
-    s = max(1, min(want, triton_cdiv(N, min_chunk)))
-    chunk = triton_cdiv(triton_cdiv(N, s), align) * align
-    return triton_cdiv(N, chunk), chunk
+    s = max(1, min(want, cdiv(N, min_chunk)))
+    chunk = cdiv(cdiv(N, s), align) * align
+    return cdiv(N, chunk), chunk
 
 
 def _mm_nt_partial(X, Y, symmetric):
@@ -52,16 +54,16 @@ def _mm_nt_partial(X, Y, symmetric):
     part = torch.empty((S, B, Cc, Cc), dtype=torch.float32, device=dev)
     kern = C.launcher(K, "cam_mm", "cam_mm_nt_partial_kernel",
                       ["N_KEY", "C", "CHUNK", "SYMMETRIC"], dev)
-    with _on(dev):
-        kern[lambda m: (triton_cdiv(Cc, m["BLOCK_C"]) ** 2, S, B)](
-            X, Y, part, Cc, N, chunk, *_strides(X), *_strides(Y), *_strides(part)[:3],
+    with C.on_device(Y):
+        kern[lambda m: (cdiv(Cc, m["BLOCK_C"]) ** 2, S, B)](
+            X, Y, part, Cc, N, chunk, *C.strides(X), *C.strides(Y), *C.strides(part)[:3],
             C.n_key(N), SYMMETRIC=symmetric, PREC=C.dot_precision(Y.dtype),
             F32_DOT=C.f32_dot(Y.dtype), **C.meta_for("cam_mm", dev))
     return part, S
 
 
 def forward(x, gamma, mode):
-    """x: [B, C, N] (any strides); gamma: [1] | None; mode "original" | "paper".
+    """x: [B, C, N] (any strides); gamma: [1] | None; mode: one of _contract.CAM_MODES.
     -> o [B, C, N] (x's dtype), attn [B, C, C] fp32, y = gamma*o + x (or shape [0])."""
     _check(x, gamma, mode, "cam_forward")
     B, Cc, N = x.shape
@@ -80,16 +82,16 @@ def forward(x, gamma, mode):
 
     part, S = _mm_nt_partial(x, x, symmetric=True)
     meta, warps = C.fixed("cam_rows", dev)
-    with _on(dev):
-        K.cam_softmax_kernel[(triton_cdiv(Cc, meta["BLOCK_R"]), B)](
-            part, attn, Cc, S, *_strides(part)[:3], *_strides(attn)[:2],
-            NEG=(mode == "original"), num_warps=warps, **meta)
+    with C.on_device(x):
+        K.cam_softmax_kernel[(cdiv(Cc, meta["BLOCK_R"]), B)](
+            part, attn, Cc, S, *C.strides(part)[:3], *C.strides(attn)[:2],
+            NEG=(mode == _NEGATED), num_warps=warps, **meta)
 
         kern = C.launcher(K, "cam_apply", "cam_apply_kernel", ["N_KEY", "C", "HAS_RES"], dev)
-        ys = _strides(y) if residual else (0, 0, 0)
-        kern[lambda m: (triton_cdiv(Cc, m["BLOCK_M"]) * triton_cdiv(N, m["BLOCK_N"]), B)](
+        ys = C.strides(y) if residual else (0, 0, 0)
+        kern[lambda m: (cdiv(Cc, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), B)](
             attn, x, gamma if residual else attn, o, y if residual else o, Cc, N,
-            *_strides(attn)[:2], *_strides(x), *_strides(o), *ys, C.n_key(N),
+            *C.strides(attn)[:2], *C.strides(x), *C.strides(o), *ys, C.n_key(N),
             HAS_RES=residual, PREC=C.dot_precision(x.dtype), F32_DOT=C.f32_dot(x.dtype),
             **C.meta_for("cam_apply", dev))
     return o, attn, y
@@ -114,7 +116,7 @@ def backward(dy, x, attn, o, gamma, mode):
         return dx, dgamma
     attn = attn.float().contiguous()                    # kernels assume unit stride along j
     if has_gamma:
-        dgamma = rowdot(dy, o).sum().reshape(1)
+        dgamma = C.rowdot(K, dy, o).sum().reshape(1)
     else:
         dgamma = torch.empty((0,), dtype=torch.float32, device=dev)
 
@@ -122,18 +124,18 @@ def backward(dy, x, attn, o, gamma, mode):
     g_mat = torch.empty((B, Cc, Cc), dtype=torch.float32, device=dev)
     meta, warps = C.fixed("cam_rows", dev)
     gptr = gamma if has_gamma else attn
-    with _on(dev):
-        K.cam_bwd_ds_kernel[(triton_cdiv(Cc, meta["BLOCK_R"]), B)](
-            part, attn, gptr, g_mat, Cc, S, *_strides(part)[:3], *_strides(attn)[:2],
-            *_strides(g_mat)[:2], NEG=(mode == "original"), HAS_GAMMA=has_gamma,
+    with C.on_device(x):
+        K.cam_bwd_ds_kernel[(cdiv(Cc, meta["BLOCK_R"]), B)](
+            part, attn, gptr, g_mat, Cc, S, *C.strides(part)[:3], *C.strides(attn)[:2],
+            *C.strides(g_mat)[:2], NEG=(mode == _NEGATED), HAS_GAMMA=has_gamma,
             num_warps=warps, **meta)
 
         kern = C.launcher(K, "cam_dx", "cam_bwd_dx_kernel", ["N_KEY", "C", "HAS_GAMMA"], dev)
         m_f32 = x.dtype in (torch.float32, torch.float16)
-        kern[lambda m: (triton_cdiv(Cc, m["BLOCK_M"]) * triton_cdiv(N, m["BLOCK_N"]), B)](
+        kern[lambda m: (cdiv(Cc, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), B)](
             attn, g_mat, x, dy, gptr, dx, Cc, N,
-            *_strides(attn)[:2], *_strides(g_mat)[:2], *_strides(x), *_strides(dy),
-            *_strides(dx), C.n_key(N),
+            *C.strides(attn)[:2], *C.strides(g_mat)[:2], *C.strides(x), *C.strides(dy),
+            *C.strides(dx), C.n_key(N),
             HAS_GAMMA=has_gamma, PREC=C.dot_precision(x.dtype), F32_DOT=C.f32_dot(x.dtype),
             M_F32=m_f32, PREC_M=C.dot_precision(torch.float32) if x.dtype == torch.float32 else "tf32",
             **C.meta_for("cam_dx", dev))

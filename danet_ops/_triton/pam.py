@@ -1,4 +1,4 @@
-"""Host side of the Triton PAM ops: checks, allocation, grids, launches (kernels.py).
+"""Host side of the Triton PAM ops: checks, allocation, grids, launches (pam_kernels.py).
 
 forward:  pam_fwd_kernel, grid (query blocks, B, Cv chunks) -> o, lse, y
 backward: rowdot_kernel (R = rowsum(dy o), grid (query blocks, B))
@@ -15,10 +15,11 @@ the store); scale = 1 passes exactly log2(e) and 1.0, so DANet's results are unc
 import math
 
 import torch
+from triton import cdiv
 
 from . import _common as C
-from . import kernels as K
-from .._contract import output_dtype
+from . import pam_kernels as K
+from .._contract import CQ_MAX, CQ_MIN, CV_MAX, CV_MIN, output_dtype
 
 _AUTOTUNE_KEY = ["N_KEY", "NK_KEY", "CQ", "CV"]
 LOG2E = 1.4426950408889634
@@ -26,10 +27,6 @@ LOG2E = 1.4426950408889634
 
 def _cq_pad(cq):
     return max(16, C.next_pow2(cq))
-
-
-def _strides(t):
-    return tuple(t.stride())
 
 
 def _check_qkv(q, k, v, scale):
@@ -41,8 +38,10 @@ def _check_qkv(q, k, v, scale):
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not math.isfinite(scale):
         raise ValueError(f"pam (triton): scale must be finite; got {scale}")
-    if not 1 <= q.shape[1] <= 256:
-        raise ValueError(f"pam (triton): Cq = {q.shape[1]} outside 1..256")
+    if not CQ_MIN <= q.shape[1] <= CQ_MAX:
+        raise ValueError(f"pam (triton): Cq = {q.shape[1]} outside {CQ_MIN}..{CQ_MAX}")
+    if not CV_MIN <= v.shape[1] <= CV_MAX:
+        raise ValueError(f"pam (triton): Cv = {v.shape[1]} outside {CV_MIN}..{CV_MAX}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"pam (triton): q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     C.check_dtypes((("q", q),))
@@ -89,37 +88,22 @@ def forward(q, k, v, x, gamma, scale=1.0):
 
     kern = C.launcher(K, "pam_fwd", "pam_fwd_kernel", _AUTOTUNE_KEY, dev)
     meta = C.meta_for("pam_fwd", dev)
-    xs = _strides(x) if residual else (0, 0, 0)
-    ys = _strides(y) if residual else (0, 0, 0)
+    xs = C.strides(x) if residual else (0, 0, 0)
+    ys = C.strides(y) if residual else (0, 0, 0)
 
     def grid(m):
-        return (triton_cdiv(N, m["BLOCK_M"]), B, triton_cdiv(Cv, m["BLOCK_CV"]))
+        return (cdiv(N, m["BLOCK_M"]), B, cdiv(Cv, m["BLOCK_CV"]))
 
-    with _on(dev):
+    with C.on_device(q):
         kern[grid](
             q, k, v, x if residual else o, gamma if residual else lse, o, lse, y if residual else o,
             N, Nk, Cq, Cv, qk_scale,
-            *_strides(q), *_strides(k), *_strides(v), *xs,
-            *_strides(o), *_strides(lse), *ys,
+            *C.strides(q), *C.strides(k), *C.strides(v), *xs,
+            *C.strides(o), *C.strides(lse), *ys,
             C.n_key(N), C.n_key(Nk),
             CQ_P=_cq_pad(Cq), HAS_RES=residual, PREC=C.dot_precision(v.dtype),
             F32_DOT=C.f32_dot(v.dtype), **meta)
     return o, lse, y
-
-
-def rowdot(dy, o, round_dy=False):
-    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N] (round_dy: dy rounded to o's dtype)."""
-    B, Cc, N = o.shape
-    dev = o.device
-    r = torch.empty((B, N), dtype=torch.float32, device=dev)
-    if B == 0 or N == 0:
-        return r
-    meta, warps = C.fixed("rowdot", dev)
-    with _on(dev):
-        K.rowdot_kernel[(triton_cdiv(N, meta["BLOCK_M"]), B)](
-            dy, o, r, N, Cc, *_strides(dy), *_strides(o), *_strides(r),
-            ROUND_DY=round_dy, num_warps=warps, **meta)
-    return r
 
 
 def backward(dy, q, k, v, o, lse, gamma, scale=1.0):
@@ -148,8 +132,8 @@ def backward(dy, q, k, v, o, lse, gamma, scale=1.0):
 
     # Delta = gamma * r inside the kernels, from the dy values their products use (dy rounded
     # to v's dtype); dgamma from the exact dy. They differ only when dy is wider (autocast).
-    r_exact = rowdot(dy, o)
-    r = r_exact if dy.dtype == v.dtype else rowdot(dy, o, round_dy=True)
+    r_exact = C.rowdot(K, dy, o)
+    r = r_exact if dy.dtype == v.dtype else C.rowdot(K, dy, o, round_dy=True)
     lse = lse if lse.dtype == torch.float32 else lse.float()
     gptr = gamma if has_gamma else r
     cq_p = _cq_pad(Cq)
@@ -158,28 +142,28 @@ def backward(dy, q, k, v, o, lse, gamma, scale=1.0):
 
     # dK/dV: one program per (key block, batch, Cv chunk); chunks > 1 write fp32 dK partials.
     block_cv = min(max(16, C.next_pow2(Cv)), C.PAM_BWD_BLOCK_CV["interp" if interp else "gpu"])
-    chunks = triton_cdiv(Cv, block_cv)
+    chunks = cdiv(Cv, block_cv)
     dkp = dk.unsqueeze(0) if chunks == 1 else torch.empty((chunks, B, Cq, Nk), dtype=torch.float32,
                                                           device=dev)
     kern = C.launcher(K, "pam_dkdv", "pam_bwd_dkdv_kernel", _AUTOTUNE_KEY, dev)
     meta = C.meta_for("pam_dkdv", dev)
 
     def grid_kv(m):
-        return (triton_cdiv(Nk, m["BLOCK_N"]), B, chunks)
+        return (cdiv(Nk, m["BLOCK_N"]), B, chunks)
 
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dy),
-              *_strides(lse), *_strides(r))
-    with _on(dev):
+    common = (*C.strides(q), *C.strides(k), *C.strides(v), *C.strides(dy),
+              *C.strides(lse), *C.strides(r))
+    with C.on_device(q):
         kern[grid_kv](
             q, k, v, dy, lse, r, gptr, dv, dkp, N, Nk, Cq, Cv, scale_arg, qk_scale, *common,
-            *_strides(dv), *_strides(dkp), C.n_key(N), C.n_key(Nk),
+            *C.strides(dv), *C.strides(dkp), C.n_key(N), C.n_key(Nk),
             CQ_P=cq_p, HAS_GAMMA=has_gamma, PREC=prec, F32_DOT=f32, BLOCK_CV=block_cv, **meta)
 
         kern = C.launcher(K, "pam_dq", "pam_bwd_dq_kernel", _AUTOTUNE_KEY, dev)
         meta = C.meta_for("pam_dq", dev)
-        kern[lambda m: (triton_cdiv(N, m["BLOCK_M"]), B)](
+        kern[lambda m: (cdiv(N, m["BLOCK_M"]), B)](
             q, k, v, dy, lse, r, gptr, dq, N, Nk, Cq, Cv, scale_arg, qk_scale, *common,
-            *_strides(dq), C.n_key(N), C.n_key(Nk),
+            *C.strides(dq), C.n_key(N), C.n_key(Nk),
             CQ_P=cq_p, HAS_GAMMA=has_gamma, PREC=prec, F32_DOT=f32, **meta)
     if chunks > 1:
         dk.copy_(dkp.sum(0))                            # fixed-order sum of the chunk partials
@@ -189,22 +173,3 @@ def backward(dy, q, k, v, o, lse, gamma, scale=1.0):
         dgamma = torch.empty((0,), dtype=torch.float32, device=dev)
     return dq, dk, dv, dgamma
 
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
-
-
-class _on:
-    """Launch on the tensors' CUDA device (Triton uses the current device and stream)."""
-
-    def __init__(self, device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
