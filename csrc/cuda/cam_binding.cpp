@@ -18,9 +18,10 @@ namespace {
 using namespace cuda_binding;
 
 bool cam_paper(c10::string_view mode, const char* op) {
-  TORCH_CHECK(mode == "original" || mode == "paper", op,
-              ": mode must be 'original' or 'paper'; got '", std::string(mode), "'");
-  return mode == "paper";
+  namespace ct = danet_ops::contract;
+  TORCH_CHECK(mode == ct::kCamModeOriginal || mode == ct::kCamModePaper, op, ": mode must be '",
+              ct::kCamModeOriginal, "' or '", ct::kCamModePaper, "'; got '", std::string(mode), "'");
+  return mode == ct::kCamModePaper;
 }
 
 void cam_check_input(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
@@ -34,9 +35,15 @@ void cam_check_input(const at::Tensor& t, const at::Tensor& x, const char* op, c
 void cam_check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor; got device ", x.device());
   TORCH_CHECK(x.dim() == 3, op, ": x must be [B, C, N]; got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= 16384, op, ": C = ", x.size(1),
-              " outside 1..16384");
-  TORCH_CHECK(x.size(0) <= 65535, op, ": batch ", x.size(0), " > 65535 is not supported");
+  // the sizes the kernels index safely (danet_cuda::cam_sizes_ok), named in the error
+  namespace ct = danet_ops::contract;
+  TORCH_CHECK(x.size(1) >= ct::kCamCMin && x.size(1) <= ct::kCamCMaxCuda, op, ": C = ", x.size(1),
+              " outside ", ct::kCamCMin, "..", ct::kCamCMaxCuda, " (the CUDA kernels keep a [C] "
+              "fp32 row in shared memory)");
+  TORCH_CHECK(x.size(0) <= danet_cuda::kMaxBatch, op, ": batch ", x.size(0), " > ",
+              danet_cuda::kMaxBatch, " is not supported");
+  TORCH_CHECK(x.size(2) <= danet_cuda::kCamMaxPositions, op, ": N = ", x.size(2), " > ",
+              danet_cuda::kCamMaxPositions, " is not supported");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_forward_cuda(

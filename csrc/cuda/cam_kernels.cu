@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1) cam_gram_kernel(const GramArgs a)
   if constexpr (SYM) {
     int p = blockIdx.x, len = a.tiles;
     ti = 0;
-    while (p >= len) {  // <= 64 iterations (C <= 4096)
+    while (p >= len) {  // < C/64 iterations (<= 256 for C <= contract::kCamCMaxCuda)
       p -= len;
       ++ti;
       --len;
@@ -460,9 +460,12 @@ cudaError_t cam_backward_impl(const CamBackwardParams& p, cudaStream_t stream) {
   return launch_mix<T, TF32>(m, p.B, stream);
 }
 
+// C <= contract::kCamCMaxCuda keeps the [C] fp32 row of the softmax kernels in shared memory.
+static_assert(contract::kCamCMaxCuda * sizeof(float) <= 99 * 1024,
+              "the [C] fp32 row fits the smallest sm_80+ shared-memory opt-in (99 KB, sm_86/89)");
 bool cam_sizes_ok(int64_t B, int64_t C, int64_t N) {
-  // C <= 16384 keeps the [C] fp32 row of the softmax kernels in shared memory.
-  return B >= 0 && B <= 65535 && C >= 1 && C <= 16384 && N >= 0 && N <= (int64_t)INT32_MAX * 64;
+  return B >= 0 && B <= kMaxBatch && C >= contract::kCamCMin && C <= contract::kCamCMaxCuda &&
+         N >= 0 && N <= kCamMaxPositions;
 }
 
 }  // namespace

@@ -12,7 +12,19 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../contract.h"  // the op contract's limits (Cq, Cv, CAM's C), generated from danet_ops/_contract.py
+
 namespace danet_cuda {
+
+namespace contract = danet_ops::contract;
+
+// Limits that the kernels' structure implies (beyond the op contract's): the batch is a grid
+// dimension (<= 65535); PAM's flat step counter (column blocks x steps per block) and CAM's
+// per-split step count are ints. The launchers return cudaErrorInvalidValue beyond them and the
+// bindings raise an error that names them.
+constexpr int64_t kMaxBatch = 65535;
+constexpr int64_t kPamMaxPositions = int64_t(1) << 26;       // Nq, Nk: 2^20 blocks x <= 70 steps
+constexpr int64_t kCamMaxPositions = int64_t(0x7fffffff) * 64;  // N: steps of 64 positions in an int
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -33,7 +45,7 @@ struct View3 {
 // E = scale * q^T k (DANet: scale = 1), A = softmax_j(E[i, :]), O[c, i] = sum_j v[c, j] A[i, j],
 // y = gamma*O + x. Queries have Nq positions, keys/values their own Nk (pooled, regions, ...).
 struct PamForwardParams {
-  int64_t B = 0, Cq = 0, Cv = 0, Nq = 0, Nk = 0;  // sizes; 1 <= Cq <= 256, 1 <= Cv; Nk >= 1 if Nq >= 1
+  int64_t B = 0, Cq = 0, Cv = 0, Nq = 0, Nk = 0;  // sizes: contract::kCq*/kCv* limits; Nk >= 1 if Nq >= 1
   double scale = 1.0;     // E = scale * q^T k (1.0: bit for bit the scale-less kernels)
   View3 q;                // [B, Cq, Nq], dtype `dtype`
   View3 k;                // [B, Cq, Nk], dtype `dtype`

@@ -19,6 +19,21 @@ namespace {
 
 using namespace cuda_binding;
 
+// The sizes the kernels index safely (danet_cuda::pam_sizes_ok): the contract's Cq / Cv range
+// and the grid / step-counter limits of danet_cuda.cuh. Checked here to name them in the error.
+void check_pam_sizes(int64_t B, int64_t Cq, int64_t Cv, int64_t Nq, int64_t Nk, const char* op) {
+  namespace ct = danet_ops::contract;
+  TORCH_CHECK(ct::kCqMin <= Cq && Cq <= ct::kCqMax, op, ": Cq = ", Cq, " outside ", ct::kCqMin,
+              "..", ct::kCqMax);
+  TORCH_CHECK(ct::kCvMin <= Cv && Cv <= ct::kCvMax, op, ": Cv = ", Cv, " outside ", ct::kCvMin,
+              "..", ct::kCvMax);
+  TORCH_CHECK(B <= danet_cuda::kMaxBatch, op, ": batch ", B, " > ", danet_cuda::kMaxBatch,
+              " is not supported");
+  TORCH_CHECK(Nq <= danet_cuda::kPamMaxPositions && Nk <= danet_cuda::kPamMaxPositions, op,
+              ": Nq = ", Nq, ", Nk = ", Nk, ": more than ", danet_cuda::kPamMaxPositions,
+              " positions is not supported");
+}
+
 void check_cuda_3d(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor; got device ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
@@ -41,11 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
               ": q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(1 <= Cq && Cq <= 256, op, ": Cq = ", Cq, " outside 1..256");
-  TORCH_CHECK(1 <= Cv && Cv <= 4096, op, ": Cv = ", Cv, " outside 1..4096");
-  TORCH_CHECK(B <= 65535, op, ": batch ", B, " > 65535 is not supported");
-  TORCH_CHECK(Nq <= (int64_t(1) << 26) && Nk <= (int64_t(1) << 26), op, ": Nq = ", Nq, ", Nk = ",
-              Nk, ": more than 2^26 positions is not supported");
+  check_pam_sizes(B, Cq, Cv, Nq, Nk, op);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   TORCH_CHECK(x.has_value() == gamma.has_value(), op, ": give both x and gamma or neither");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -117,10 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cuda(
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.dim() == 2 && lse.size(0) == B &&
                   lse.size(1) == Nq,
               op, ": lse must be a [B, Nq] tensor on ", q.device(), "; got ", lse.sizes());
-  TORCH_CHECK(1 <= Cq && Cq <= 256 && 1 <= Cv && Cv <= 4096, op, ": Cq = ", Cq, ", Cv = ", Cv,
-              " outside 1..256 / 1..4096");
-  TORCH_CHECK(B <= 65535 && Nq <= (int64_t(1) << 26) && Nk <= (int64_t(1) << 26), op, ": B = ", B,
-              ", Nq = ", Nq, ", Nk = ", Nk, " beyond the supported 65535 / 2^26");
+  check_pam_sizes(B, Cq, Cv, Nq, Nk, op);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
   const c10::cuda::CUDAGuard guard(q.device());
 

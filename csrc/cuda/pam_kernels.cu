@@ -9,7 +9,7 @@
 // Forward (FlashAttention-2 style): one block = 64 query rows x CVT value channels; it streams
 // the keys in blocks of 64 and keeps an online softmax in the log2 domain (E*log2(e), exp2),
 // so nothing of size N x N exists. Large Cv is split over gridDim.y; each split recomputes the
-// cheap q.k^T (Cq <= 256 << Cv) instead of holding a Cv-wide accumulator.
+// cheap q.k^T (Cq <= contract::kCqMax, small beside Cv) instead of holding a Cv-wide accumulator.
 // Backward (no atomics, deterministic):
 //   dot_rows  : Delta_i = gamma * sum_c dy[c, i] O[c, i]; per-block partials of sum dy*O -> dgamma
 //   dV kernel : block per (64 keys, CVT channels), loop over query blocks: dv = gamma * P^T dy
@@ -522,11 +522,17 @@ cudaError_t pam_backward_impl(const PamBackwardParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// B is gridDim.z; Nq, Nk <= 2^26 keeps the flat step counter (column blocks x steps per block,
-// at most 2^20 x 70) in an int. Nk = 0 with Nq > 0 (softmax over no keys) is the caller's.
+// B is gridDim.z; Nq, Nk <= kPamMaxPositions keeps the flat step counter (column blocks x steps
+// per block: S-, dP- and output steps of the dQ/dK kernel, the most of the three kernels) in an
+// int for every Cq, Cv of the contract. Nk = 0 with Nq > 0 (softmax over no keys) is the caller's.
+static_assert(kPamMaxPositions / kTile * ((contract::kCqMax + kTile - 1) / kTile +
+                                          (contract::kCvMax + kTile - 1) / kTile + 128 / kTile) <=
+                  INT32_MAX,
+              "the contract's Cq/Cv limits overflow the kernels' int step counter");
 bool pam_sizes_ok(int64_t B, int64_t Cq, int64_t Cv, int64_t Nq, int64_t Nk) {
-  return B >= 0 && B <= 65535 && Cq >= 1 && Cq <= 256 && Cv >= 1 && Cv <= 4096 && Nq >= 0 &&
-         Nq <= ((int64_t)1 << 26) && Nk >= (Nq > 0 ? 1 : 0) && Nk <= ((int64_t)1 << 26);
+  return B >= 0 && B <= kMaxBatch && Cq >= contract::kCqMin && Cq <= contract::kCqMax &&
+         Cv >= contract::kCvMin && Cv <= contract::kCvMax && Nq >= 0 && Nq <= kPamMaxPositions &&
+         Nk >= (Nq > 0 ? 1 : 0) && Nk <= kPamMaxPositions;
 }
 
 }  // namespace

@@ -5,7 +5,9 @@ The kernels' own logic is kept verbatim; only the CUDA-only surface is replaced:
     ptx_emu.inc (emulated cp.async / ldmatrix / mma.sync / tf32 rounding),
   * dynamic / static __shared__ declarations by the emulator's per-block buffer / statics,
   * kernel<<<grid, block, smem, stream>>>(args) by emu::launch(grid, block, smem, stream, kernel, args),
-  * the few runtime calls of the launchers by emu_rt:: fakes.
+  * the few runtime calls of the launchers by emu_rt:: fakes,
+  * the relative include of the op contract (csrc/contract.h) by its absolute path in the
+    repository (the copies live elsewhere; the header is read from its one place).
 A marker or pattern that is no longer found is an error (the generated copy would silently
 test something else).
 
@@ -19,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 FILES = ("danet_cuda.cuh", "device_utils.cuh", "pam_kernels.cu", "cam_kernels.cu")
 PTX_BEGIN = "// ----------------------------------------------------------------- PTX"
 PTX_END = "// ------------------------------------------------------------- tile loads"
+CONTRACT_INCLUDE = '#include "../contract.h"'
 
 
 def fix_launches(s):
@@ -69,7 +72,7 @@ def generate(src, out):
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ptx = (HERE / "ptx_emu.inc").read_text()
-    launches = 0
+    launches = contract_includes = 0
     for f in FILES:
         s = (src / f).read_text()
         if f == "device_utils.cuh":
@@ -77,6 +80,9 @@ def generate(src, out):
             if a < 0 or b < a:
                 raise ValueError(f"{f}: PTX block markers not found; update tests/cuda_emu/gen.py")
             s = s[:a] + ptx + s[b:]
+        if CONTRACT_INCLUDE in s:
+            s = s.replace(CONTRACT_INCLUDE, f'#include "{(src.parent / "contract.h").resolve()}"')
+            contract_includes += 1
         s = s.replace("extern __shared__ __align__(16) unsigned char smem[];",
                       "unsigned char* smem = emu::dyn_smem;")
         s = s.replace("extern __shared__ float row[];",
@@ -95,6 +101,8 @@ def generate(src, out):
         (out / f).write_text(s)
     if not launches:
         raise ValueError("no kernel launches found in the sources")
+    if not contract_includes:
+        raise ValueError(f"{CONTRACT_INCLUDE} not found in the sources; update gen.py")
     return out
 
 
