@@ -107,7 +107,9 @@ def compiled_matches_eager(module, x, backend, tol=1e-4, param_tol=1e-3):
 
 def run_with_grads(fn, inputs, grad_seed=1):
     """fn(*inputs) and the gradients of <out, w> for a fixed random w."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    # detach(), not clone(): a clone of a view with gaps (channel slice, batch step, expand) is
+    # contiguous, and the layout under test would silently be dropped.
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
                     dtype=torch.float64).to(device=out.device, dtype=out.dtype)  # CPU generator
@@ -137,6 +139,7 @@ def compare_to_oracle(fn, oracle_fn, inputs, names, floor):
     """fn(*inputs) and its input gradients vs oracle_fn in float64 (error bound above).
 
     names: one per compared quantity (the output, then each input's gradient).
+    Where the oracle is finite the result must be too (a NaN would also fail the bound).
     Returns the outputs and gradients of fn.
     """
     dtype = inputs[0].dtype
@@ -154,6 +157,7 @@ def compare_to_oracle(fn, oracle_fn, inputs, names, floor):
             want = lp.dtype                     # the output dtype the reference gives
         assert g.dtype == want, f"{name}: dtype {g.dtype}, expected {want}"
         assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
+        assert torch.isfinite(g).all() or not torch.isfinite(o).all(), f"{name}: non-finite values"
         assert_close_to_oracle(name, g, o, lp, floor)
     return got, grads
 
@@ -193,3 +197,102 @@ def cuda_device():
 def _no_backend_override(monkeypatch):
     # Tests pick backends explicitly; a DANET_OPS_BACKEND in the caller's shell must not leak in.
     monkeypatch.delenv("DANET_OPS_BACKEND", raising=False)
+
+
+# ----------------------------------------------------------------------------- backends under test
+# The op tests (test_pam.py, test_cam.py) run each case on every backend, as a test id:
+#   "reference", "cpu"   CPU tensors, in every run
+#   "triton-interp"      CPU tensors through the Triton interpreter. Triton decides once per
+#                        process, when it is imported, whether kernels are interpreted, so these
+#                        carry the `interpreter` marker and run in their own invocation:
+#                        `TRITON_INTERPRET=1 pytest -m interpreter` (scripts/test.sh runs both);
+#                        a process without the interpreter skips them, saying so.
+#   "triton-cuda", "cuda" CUDA tensors, marked `gpu` (skip cleanly without a GPU)
+BACKENDS = {  # id: (backend, device type, marks)
+    "reference": ("reference", "cpu", ()),
+    "cpu": ("cpu", "cpu", ()),
+    "triton-interp": ("triton", "cpu", (pytest.mark.interpreter,)),
+    "triton-cuda": ("triton", "cuda", (pytest.mark.gpu,)),
+    "cuda": ("cuda", "cuda", (pytest.mark.gpu,)),
+}
+# SPEC §4: fp64 on the CPU backends only; fp16/bf16 everywhere (on CPU computed in fp32 or lowp tiles).
+_NO_FP64 = ("triton-interp", "triton-cuda", "cuda")
+
+# The Triton kernels (compiled and interpreted alike) round the P tile and dO to the input dtype
+# before their tile products (two roundings more than the reference's softmax-then-bmm) and the
+# result once more: fp16 4u, bf16 5u (u = 2^-11, 2^-8). Every other backend is held to FLOOR.
+TRITON_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def floor(dtype, backend_id):
+    """The floor of the error bound for this backend and dtype (the bound is 2x the reference's
+    own error in that dtype, or this floor relative to max(|oracle|, 1), whichever is larger)."""
+    if backend_id.startswith("triton"):
+        return TRITON_FLOOR[dtype]
+    return FLOOR[dtype]
+
+
+def backend_grid(cases, dtypes, backends=tuple(BACKENDS), keep=lambda backend, case, dtype: True):
+    """pytest.params (backend id, case, dtype) for every combination a backend supports: no fp64
+    on the GPU backends (SPEC §4), and only the combinations `keep` accepts (e.g. the
+    interpreter runs one 16-block at a time in numpy: only cases it runs in seconds)."""
+    params = []
+    for b in backends:
+        for case in cases:
+            for dt in dtypes:
+                if (dt == torch.float64 and b in _NO_FP64) or not keep(b, case, dt):
+                    continue
+                params.append(pytest.param(b, case, dt, marks=BACKENDS[b][2],
+                                           id=f"{b}-{_case_id(case)}-{str(dt).replace('torch.', '')}"))
+    return params
+
+
+def _case_id(case):
+    if not isinstance(case, tuple):
+        return f"{case:g}" if isinstance(case, float) else str(case)
+    sep = "x" if all(isinstance(c, int) for c in case) else "-"
+    return sep.join(_case_id(c) for c in case)
+
+
+def backend_params(*ids):
+    """pytest.params of backend ids (default: all), with their markers."""
+    return [pytest.param(b, marks=BACKENDS[b][2], id=b) for b in (ids or BACKENDS)]
+
+
+def device_for(backend_id, op="pam", dtype=torch.float32):
+    """(backend name, device) for a backend id, or skip with the reason this process cannot run it."""
+    from danet_ops import _backends
+    name, dev = BACKENDS[backend_id][:2]
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if name == "triton":
+        from danet_ops import _triton
+        if _triton.interpreting() != (dev == "cpu"):
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 at import (pytest -m interpreter)"
+                        if dev == "cpu" else "this process interprets Triton; CUDA needs compiled kernels")
+    ok, why = _backends.check(name, op, torch.device(dev), dtype)
+    if not ok:
+        pytest.skip(f"backend {name!r} unavailable here: {why}")
+    return name, torch.device(dev)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `interpreter` run only in a process whose Triton interprets (see BACKENDS).
+    Elsewhere a plain run (no -m) deselects them: they are the other invocation's (scripts/test.sh
+    runs both); a run that selects by marker (-m interpreter, -m gpu) skips them, saying why."""
+    marked = [item for item in items if item.get_closest_marker("interpreter")]
+    if not marked:
+        return
+    from danet_ops import _triton
+    ok, why = _triton.available()
+    if ok and _triton.interpreting():
+        return
+    if ok and not config.option.markexpr:
+        config.hook.pytest_deselected(items=marked)
+        items[:] = [item for item in items if not item.get_closest_marker("interpreter")]
+        return
+    reason = (f"Triton unavailable: {why}" if not ok else
+              "needs the Triton interpreter: TRITON_INTERPRET=1 set before triton's import "
+              "(bash scripts/test.sh runs it: TRITON_INTERPRET=1 pytest -m interpreter)")
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=reason))
