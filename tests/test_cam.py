@@ -1,47 +1,109 @@
-"""Channel attention: the fused CPU backend against the float64 oracle, both modes."""
+"""Channel attention against the float64 oracle, both modes, every case on every backend this
+process can run (conftest.BACKENDS: reference, cpu, triton under the interpreter in its own
+invocation, triton and cuda on a GPU), through one comparison helper (conftest.compare_to_oracle)
+and one error bound (2x the reference's own error in that dtype, or conftest.floor)."""
 import pytest
 import torch
 
 from danet_ops import ChannelAttention, channel_attention, reference
-from conftest import FLOOR, LAYOUTS, cam_inputs, compare_to_oracle, max_err, run_with_grads
+from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, cam_inputs, compare_to_oracle,
+                      device_for, floor, max_err, run_with_grads, tf32)
 
 MODES = ("original", "paper")
 NAMES = ("y", "dx", "dgamma")
 
 
 def _compare(inputs, mode, floor, backend="cpu"):
+    """The op on `backend` (a backend name) vs the float64 oracle: y, dx, dgamma. fp32 at IEEE
+    precision (no TF32 on a GPU): the bound is the fp32 reference's."""
     fn = lambda x, g: channel_attention(x, g, mode=mode, backend=backend)  # noqa: E731
     ref = lambda x, g: reference.channel_attention(x, g, mode=mode)        # noqa: E731
-    return compare_to_oracle(fn, ref, inputs, NAMES, floor)
+    with tf32(False):
+        return compare_to_oracle(fn, ref, inputs, NAMES, floor)
 
 
-SHAPES = [(2, 5, 13, 1), (1, 64, 20, 20), (2, 130, 9, 7), (1, 1, 4, 4), (3, 7, 97, 1)]
+def _run(backend_id, shape, dtype, mode, **inputs_kw):
+    """cam_inputs on the backend's device, compared with the oracle under floor(dtype, backend)."""
+    name, dev = device_for(backend_id, "cam", dtype)
+    inputs = cam_inputs(*shape, dtype=dtype, device=dev, **inputs_kw)
+    return _compare(inputs, mode, floor(dtype, backend_id), name)
+
+
+def _small(shape):
+    """Shapes the Triton interpreter runs in about a second: C <= 64, B * N <= 128."""
+    return shape[1] <= 64 and shape[0] * shape[2] * shape[3] <= 128
+
+
+def _interp_small(backend, case, dtype=None):
+    shape = case[0] if isinstance(case[0], tuple) else case
+    return backend != "triton-interp" or _small(shape)
+
+
+CASES = [  # (B, C, H, W), activation scale (E ~ N scale^2)
+    ((2, 5, 13, 1), 0.2), ((1, 64, 20, 20), 0.2), ((2, 130, 9, 7), 0.2), ((1, 1, 4, 4), 0.2),
+    ((3, 7, 97, 1), 0.2),
+    # the interpreter's blocks (16 channels, N split in two when long enough), larger activations
+    ((2, 20, 7, 7), 0.3),   # C = 20: two channel blocks (upper pair mirrored); N = 49: two N splits
+    ((1, 5, 3, 3), 0.3),    # one block, one split
+    ((1, 33, 10, 5), 0.3),  # three blocks, the last ragged
+    ((2, 6, 1, 1), 0.3),    # N = 1
+]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_cpu_matches_oracle(mode, shape, dtype):
-    _compare(cam_inputs(*shape, dtype=dtype), mode, FLOOR[dtype])
+@pytest.mark.parametrize("backend,case,dtype", backend_grid(CASES, [torch.float64, torch.float32],
+                                                            keep=_interp_small))
+def test_matches_oracle(backend, case, dtype, mode):
+    shape, scale = case
+    _run(backend, shape, dtype, mode, scale=scale, gamma=0.7 if scale == 0.2 else 0.6)
 
 
-@pytest.mark.parametrize("C", [1, 2, 63, 64, 65, 257, 2048])
-def test_channel_counts(C):
-    # Channel blocks of 64: exercises diagonal-only, ragged and many-block Gram tilings.
-    _compare(cam_inputs(1, C, 3, 5, dtype=torch.float64), "original", 1e-10)
+@pytest.mark.parametrize("backend,C,dtype", backend_grid([1, 2, 63, 64, 65, 257, 2048],
+                                                         [torch.float64, torch.float32],
+                                                         keep=lambda b, C, dt: b != "triton-interp" or C <= 65))
+def test_channel_counts(backend, C, dtype):
+    # Channel blocks of 64 (CPU) / 16 (interpreter): diagonal-only, ragged and many-block Gram tilings.
+    _run(backend, (1, C, 3, 5), dtype, "original")
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layouts(mode, layout):
-    inputs = cam_inputs(2, 9, 11, 7, dtype=torch.float64, layout=layout)
+@pytest.mark.parametrize("backend,case,dtype", backend_grid(
+    [(layout, shape) for shape in [(2, 9, 11, 7), (2, 20, 7, 7)] for layout in LAYOUTS],
+    [torch.float64, torch.float32], keep=lambda b, c, dt: b != "triton-interp" or _small(c[1])))
+def test_layouts(backend, case, dtype, mode):
+    # Read in place (run_with_grads keeps the view: its leaves are detached views, not clones).
+    layout, shape = case
+    name, dev = device_for(backend, "cam", dtype)
+    inputs = cam_inputs(*shape, dtype=dtype, layout=layout, device=dev)
     assert layout == "contiguous" or not inputs[0].is_contiguous()
-    _compare(inputs, mode, 1e-10)
+    _compare(inputs, mode, floor(dtype, backend), name)
+
+
+@pytest.mark.parametrize("kind", ["step", "expand"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid([(3, 20, 5, 5)],
+                                                             [torch.float64, torch.float32]))
+def test_batch_strided_and_expanded_inputs(backend, shape, dtype, mode, kind):
+    # x's batch dimension a view: every second image of a batch of 2B, or one image expanded over
+    # B (batch stride 0).
+    name, dev = device_for(backend, "cam", dtype)
+    B = shape[0]
+    if kind == "step":
+        x, g = cam_inputs(2 * B, *shape[1:], dtype=dtype, device=dev)
+        x = x[::2]
+    else:
+        x, g = cam_inputs(1, *shape[1:], dtype=dtype, device=dev)
+        x = x.expand(B, *x.shape[1:])
+        assert x.stride(0) == 0
+    assert x.shape[0] == B and not x.is_contiguous()
+    _compare([x, g], mode, floor(dtype, backend), name)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_without_residual(mode):
-    _compare(cam_inputs(2, 6, 5, 5, dtype=torch.float64, residual=False), mode, 1e-10)
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid([(2, 6, 5, 5)],
+                                                             [torch.float64, torch.float32]))
+def test_without_residual(backend, shape, dtype, mode):
+    _run(backend, shape, dtype, mode, residual=False)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -55,21 +117,38 @@ def test_gradcheck(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_dgamma_exact_at_zero_gamma(mode):
-    x, _ = cam_inputs(1, 8, 6, 6, dtype=torch.float64)
-    g = torch.zeros(1, dtype=torch.float64)
-    _, grads = _compare([x, g], mode, 1e-10)
-    _, grads64 = run_with_grads(lambda x, g: reference.channel_attention(x, g, mode), [x, g])
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid([(1, 8, 6, 6)],
+                                                             [torch.float64, torch.float32]))
+def test_dgamma_exact_at_zero_gamma(backend, shape, dtype, mode):
+    name, dev = device_for(backend, "cam", dtype)
+    x, g = cam_inputs(*shape, dtype=dtype, device=dev)
+    g = torch.zeros_like(g)
+    y, grads = _compare([x, g], mode, floor(dtype, backend), name)
+    _, grads64 = run_with_grads(lambda x, g: reference.channel_attention(x, g, mode),
+                                [x.double(), g.double()])
     assert grads64[1].abs().item() > 1e-3
-    assert max_err(grads[1], grads64[1]) < 1e-12
-    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert max_err(grads[0], w) == 0.0        # gamma = 0: dx is exactly the residual's dy
+    # dgamma = sum of B*C*N = 288 products: fp64 to a few ulps; fp32 accumulation ~N*u
+    assert max_err(grads[1], grads64[1]) < (1e-12 if dtype == torch.float64 else 1e-5)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1),   # run_with_grads' dy
+                    dtype=torch.float64).to(device=dev, dtype=y.dtype)
+    assert torch.equal(y, x)                          # gamma = 0: y is exactly the residual
+    assert max_err(grads[0], w) == 0.0                # ... and dx exactly the residual's dy
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_half_inputs_computed_in_fp32(mode):
-    for dtype in (torch.float16, torch.bfloat16):
-        _compare(cam_inputs(2, 16, 9, 9, dtype=dtype), mode, FLOOR[dtype])
+@pytest.mark.parametrize("backend,case,dtype", backend_grid(
+    [((2, 16, 9, 9), 0.2), ((2, 20, 7, 7), 0.3), ((1, 5, 3, 3), 0.3), ((1, 33, 10, 5), 0.3)],
+    [torch.float16, torch.bfloat16], keep=_interp_small))
+def test_half_inputs_match_oracle(backend, case, dtype, mode):
+    # CPU: computed in fp32 (or lowp tiles); GPU: tensor-core tiles. Policy bound, both modes.
+    shape, scale = case
+    _run(backend, shape, dtype, mode, scale=scale, gamma=0.7 if scale == 0.2 else 0.6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid([(2, 20, 7, 7)], [torch.bfloat16]))
+def test_half_inputs_without_residual(backend, shape, dtype, mode):
+    _run(backend, shape, dtype, mode, residual=False, scale=0.3)
 
 
 def _cam_fp32_gram(x, g, mode, chunks):
@@ -83,23 +162,28 @@ def _cam_fp32_gram(x, g, mode, chunks):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_fp16_gram_overflow_stays_finite(mode):
-    """C=64 at 64x64 with activations around 6: Gram entries ~1.5e5 > 65504 (fp16 max)."""
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton-cuda", "cuda"))
+def test_fp16_gram_overflow_stays_finite(backend, mode):
+    """C=64 at 64x64 with activations around 6: Gram entries ~1.5e5 > 65504 (fp16 max). (The
+    interpreter's case is smaller: test_triton.py::test_interp_cam_fp16_energy_beyond_fp16_range.)"""
+    name, dev = device_for(backend, "cam", torch.float16)
     gen = torch.Generator().manual_seed(0)
     x64 = 6.0 + torch.randn(1, 64, 64, 64, generator=gen, dtype=torch.float64)
-    x = x64.half()
-    g = torch.tensor([0.5])
+    x = x64.half().to(dev)
+    g = torch.tensor([0.5], device=dev)
     energy = torch.bmm(x.double().flatten(2), x.double().flatten(2).transpose(1, 2))
     assert energy.max().item() > 65504
     oracle = reference.channel_attention(x.double(), g.double(), mode)
-    ours = channel_attention(x, g, mode=mode, backend="cpu")
+    with tf32(False):
+        ours = channel_attention(x, g, mode=mode, backend=name)
     assert torch.isfinite(ours).all()
     # The fp16 reference gives NaN here, so the bound is 2x the fp32 reference's own error on the
     # same (fp16-valued) inputs: E ~ 1.5e5 summed in fp32 carries ~1e-2 absolute error before the
     # softmax, in a summation order that differs between BLAS builds, CPUs and thread counts. The
     # fp32 reference's error is taken as the larger of two summation orders of its Gram (one bmm
     # over N; four N-chunks added), so that the bound does not hinge on one order's luck.
-    err32 = max(max_err(_cam_fp32_gram(x, g, mode, chunks), oracle) for chunks in (1, 4))
+    with tf32(False):
+        err32 = max(max_err(_cam_fp32_gram(x, g, mode, chunks), oracle) for chunks in (1, 4))
     err = max_err(ours, oracle)
     assert err <= 2.0 * err32, f"error {err:.2e} > 2x the fp32 reference's {err32:.2e}"
     try:   # the naive fp16 computation, side by side
@@ -110,22 +194,64 @@ def test_fp16_gram_overflow_stays_finite(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_nan_propagates_like_reference(mode):
-    x, g = cam_inputs(1, 6, 5, 5)
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_propagates_like_reference(backend, mode):
+    name, dev = device_for(backend, "cam", torch.float32)
+    x, g = cam_inputs(1, 6, 5, 5, device=dev)
     x[0, 2, 1, 1] = float("nan")
-    ours = channel_attention(x, g, mode=mode, backend="cpu")
+    with tf32(False):
+        ours = channel_attention(x, g, mode=mode, backend=name)
     ref = reference.channel_attention(x, g, mode)
     assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan().any()
-    # ... and exactly there: the finite entries are the reference's.
-    assert max_err(torch.nan_to_num(ours), torch.nan_to_num(ref)) <= 1e-5 * ref.nan_to_num().abs().max()
+    # ... and exactly there: the finite entries are the reference's (fp32 floor).
+    assert max_err(torch.nan_to_num(ours), torch.nan_to_num(ref)) <= \
+        FLOOR[torch.float32] * ref.nan_to_num().abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_one_and_two_threads(dtype, mode):
+    # What is true of the CPU kernels (measured): the forward splits independent channel / N
+    # blocks over the threads, so y is bitwise the same at 1 and 2 threads; the backward's
+    # N-reductions are split by the thread count, so dx may differ in the last bits (fp32: 1 ulp
+    # seen at C = 130); within 1e-6 relative in fp32 (a few ulps), 1e-13 in fp64.
+    inputs = cam_inputs(1, 130, 33, 31, dtype=dtype, scale=0.3)
+    fn = lambda x, g: channel_attention(x, g, mode=mode, backend="cpu")  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, g1 = run_with_grads(fn, inputs)
+        torch.set_num_threads(2)
+        y2, g2 = run_with_grads(fn, inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6}[dtype]
+    for a, b in zip(g1, g2):
+        assert max_err(a, b) <= tol * max(b.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_bitwise_deterministic_at_fixed_threads(dtype, mode):
+    # No atomics, a fixed split per thread count: the same call twice gives the same bits,
+    # forward and backward.
+    inputs = cam_inputs(2, 130, 33, 31, dtype=dtype, scale=0.3)
+    fn = lambda x, g: channel_attention(x, g, mode=mode, backend="cpu")  # noqa: E731
+    y1, g1 = run_with_grads(fn, inputs)
+    y2, g2 = run_with_grads(fn, inputs)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 5, 5), (2, 4, 0, 5)])
-@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("auto", id="auto")] + backend_params())
 def test_empty(shape, backend):
-    x, g = cam_inputs(*shape)
+    name, dev = ("auto", torch.device("cpu")) if backend == "auto" else device_for(backend, "cam")
+    x, g = cam_inputs(*shape, device=dev)
     x.requires_grad_()
-    y = channel_attention(x, g, backend=backend)
+    y = channel_attention(x, g, backend=name)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -191,7 +317,7 @@ def test_lowp_path_forced(monkeypatch, mode, lowp):
 def test_fp16_gram_overflow_stays_finite_on_lowp_path(monkeypatch, mode):
     # fp16 products on the low-precision path still sum the Gram in fp32: no overflow.
     monkeypatch.setenv("DANET_OPS_CPU_LOWP", "1")
-    test_fp16_gram_overflow_stays_finite(mode)
+    test_fp16_gram_overflow_stays_finite("cpu", mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
