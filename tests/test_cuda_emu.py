@@ -149,6 +149,58 @@ def test_pam_matches_fp64(emu, case):
         assert emu.emu_collectives() > before
 
 
+def sharp_diagonal_inputs(seed, B=1, Cq=16, Cv=32, N=96):
+    """bf16 PAM inputs whose softmax is sharp and whose bf16 reference is exact up to its own
+    roundings: k has integer entries in [-3, 3] and q = 2k, so every query matches its own key
+    (E_ii = 2|k_i|^2, gaps of several units to the next logit: max P ~ 1, logit std ~ 34, as
+    DANet's PAM on real features) and E is an integer the bf16 bmm represents exactly."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-3, 4, (B, Cq, N), generator=g).to(BF16)
+    q = (2 * k.float()).to(BF16)
+    v = torch.randn(B, Cv, N, generator=g).to(BF16)
+    x = torch.randn(B, Cv, N, generator=g).to(BF16)
+    dy = torch.randn(B, Cv, N, generator=g)
+    return q, k, v, x, torch.tensor([0.7]), dy
+
+
+def sharp_diagonal_errors(seed, o_dtype=F32):
+    """max |error| vs the fp64 oracle of the kernels' dq and dk (O stored as o_dtype) and of the
+    bf16 reference (the released code's bmm/softmax in bf16, the policy's yardstick)."""
+    from danet_ops import reference
+    q, k, v, x, gamma, dy = sharp_diagonal_inputs(seed)
+    L = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.position_attention(*L, x.double(), gamma.double()).backward(dy.double())
+    R = [t.clone().requires_grad_() for t in (q, k, v)]
+    y_ref = reference.position_attention(*R, x, gamma)
+    y_ref.backward(dy.to(y_ref.dtype))
+    o, lse, _ = E.pam_forward(q, k, v, x, gamma, o_dtype=o_dtype)
+    dq, dk, _, _ = E.pam_backward(dy, q, k, v, o, lse, gamma)
+    err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
+    return dict(dq=err(dq, L[0].grad), dk=err(dk, L[1].grad)), \
+        dict(dq=err(R[0].grad, L[0].grad), dk=err(R[1].grad, L[1].grad))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pam_bf16_sharp_softmax_gradients_within_policy(emu, seed):
+    # Issue 15: Delta = sum_c dO*O from an O rounded to bf16 carries a rounding that does not
+    # cancel against dP, and with P ~ 1 it reaches dS = P*(dP - Delta) and dq, dk whole (the
+    # bf16 reference computes its Delta from the same rounded dA, so its own error cancels).
+    # The binding keeps O in fp32; the kernels take both, so the 16-bit O is still run here to
+    # show the difference. Bound: the policy, 2x the bf16 reference's own error, no floor. Over
+    # these 6 seeds an fp32 O gives dk <= 0.62x and dq <= 1.2x the reference's error; a bf16 O
+    # gave dk 9.4x / 4.8x and dq 8.5x / 9.3x on seeds 0 / 3 (the emulator is deterministic).
+    got, ref = sharp_diagonal_errors(seed)
+    for name in ("dq", "dk"):
+        assert got[name] <= 2.0 * ref[name], (name, got[name], ref[name])
+
+
+def test_pam_bf16_sharp_softmax_needs_an_fp32_o(emu):
+    # The same check with the kernels handed a bf16 O (the layout before issue 15): it fails,
+    # so the test above is not vacuous.
+    got, ref = sharp_diagonal_errors(0, o_dtype=BF16)
+    assert got["dk"] > 4.0 * ref["dk"] and got["dq"] > 4.0 * ref["dq"], (got, ref)
+
+
 # ------------------------------------------------------------------- PAM, general op (issue 14)
 # E = scale * q^T k with keys/values of their own length Nk; kernel tiles are 64 positions, so
 # Nk = 1, Nk < 64 < Nq, Nq < 64 < Nk and ragged both ways are covered, in each engine.

@@ -52,10 +52,14 @@ struct PamForwardParams {
   View3 v;                // [B, Cv, Nk], dtype `dtype`
   View3 x;                // [B, Cv, Nq], any of the 3 dtypes; data == nullptr: no y
   const float* gamma = nullptr;  // [1] fp32 on the device; nullptr: no y
-  void* o = nullptr;      // out [B, Cv, Nq] contiguous, dtype `dtype`
+  void* o = nullptr;      // out [B, Cv, Nq] contiguous, dtype `o_dtype`
   float* lse = nullptr;   // out [B, Nq] contiguous fp32, natural-log log-sum-exp of E[i, :]
   void* y = nullptr;      // out [B, Cv, Nq] contiguous, dtype `y_dtype` (only with x and gamma)
-  DType dtype = DType::kFloat32;    // of q, k, v, o
+  DType dtype = DType::kFloat32;    // of q, k, v
+  // of o: `dtype`, or kFloat32 for any `dtype`. The binding keeps O in fp32 for fp16/bf16 inputs:
+  // the backward's Delta = sum_c dO*O then carries no 16-bit rounding of O (see pam_kernels.cu).
+  // y is made from the stored O.
+  DType o_dtype = DType::kFloat32;
   DType y_dtype = DType::kFloat32;  // of y
   bool allow_tf32 = false;          // fp32 only: TF32 tensor cores instead of the SIMT path
 };
@@ -71,7 +75,7 @@ struct PamBackwardParams {
   View3 q;         // [B, Cq, Nq], dtype `dtype`
   View3 k;         // [B, Cq, Nk], dtype `dtype`
   View3 v;         // [B, Cv, Nk], dtype `dtype`
-  View3 o;         // [B, Cv, Nq] forward output O, any of the 3 dtypes
+  View3 o;         // [B, Cv, Nq] forward output O, any of the 3 dtypes (fp32 from the binding)
   const float* lse = nullptr;    // [B, Nq] contiguous fp32 from the forward
   const float* gamma = nullptr;  // [1] fp32 on the device; nullptr: dO = dy, no dgamma
   void* dq = nullptr;            // out [B, Cq, Nq] contiguous, dtype `dtype`

@@ -69,7 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   p.Nk = Nk;
   p.scale = scale;
   p.dtype = kernel_dtype(v, op, "v");
-  at::Tensor o = at::empty({B, Cv, Nq}, v.options());
+  // O in fp32 whatever the input dtype, like the CPU kernel (danet_ops/_meta.py's fake says so):
+  // the backward's Delta = sum_c dO*O from a 16-bit O is the one fp16/bf16 rounding that a sharp
+  // softmax does not cancel (dk errors several times the fp32-compute-then-cast ones). Costs 2
+  // more bytes per element of O for fp16/bf16 (saved for the backward); danet_ops casts the O it
+  // returns to v's dtype.
+  p.o_dtype = danet_cuda::DType::kFloat32;
+  at::Tensor o = at::empty({B, Cv, Nq}, v.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, Nq}, v.options().dtype(at::kFloat));
   at::Tensor y, g;
   if (x.has_value()) {
@@ -92,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   if (Nk == 0) {  // softmax over no keys: O = 0 (an empty sum), lse = log 0
     o.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-    if (x.has_value()) y.copy_(g * o.to(at::kFloat) + *x);
+    if (x.has_value()) y.copy_(g * o + *x);
     return {o, lse, y};
   }
   p.q = view3(q, op, "q");

@@ -12,6 +12,9 @@
 // cheap q.k^T (Cq <= contract::kCqMax, small beside Cv) instead of holding a Cv-wide accumulator.
 // Backward (no atomics, deterministic):
 //   dot_rows  : Delta_i = gamma * sum_c dy[c, i] O[c, i]; per-block partials of sum dy*O -> dgamma
+//               (O as the forward stored it: fp32 from the binding, also for fp16/bf16 inputs.
+//               An O rounded to 16 bits gives Delta an error that does not cancel against dP,
+//               and a sharp softmax (P ~ 1) passes it on whole to dS = P*(dP - Delta) and dk.)
 //   dV kernel : block per (64 keys, CVT channels), loop over query blocks: dv = gamma * P^T dy
 //   dK kernel : block per 64 keys,    loop over query blocks: dk = dS^T q
 //   dQ kernel : block per 64 queries, loop over key blocks:   dq = dS k
@@ -42,7 +45,8 @@ struct PvArgs {
   Operand val;           // value operand [B, Cv, Nc]: v (forward) | dy (dV)
   const float* lse;      // dV: [B, Nc] forward log-sum-exp, indexed by query (= column)
   const float* gamma;    // [1] or nullptr (dV: dv = gamma * P^T dy; forward: y = gamma*O + x)
-  void* out;             // [B, Cv, Nr] contiguous, dtype T: o (forward) | dv
+  void* out;             // [B, Cv, Nr] contiguous: o (forward; fp32 if out_f32, else T) | dv (T)
+  bool out_f32;          // forward: o in fp32 (the backward's Delta; see the top of this file)
   float* lse_out;        // forward: [B, Nr] natural-log lse of each query row
   View3 x;               // forward: [B, Cv, Nr] residual (data == nullptr: no y)
   void* y;               // forward: [B, Cv, Nr] contiguous, dtype y_dtype
@@ -237,10 +241,17 @@ __global__ void __launch_bounds__(kThreads, 1) pam_pv_kernel(const PvArgs a) {
     const int c = idx / kTile, i = idx % kTile;
     const int64_t gc = cv0 + c, gi = row0 + i;
     if (gc < Cv && gi < Nr) {
-      const T v = from_float<T>(st[c * kStagePitch + i]);
+      const float val = st[c * kStagePitch + i];
       const int64_t off = (b * Cv + gc) * Nr + gi;
-      out[off] = v;
-      if (has_y) store_any(a.y, off, a.y_dtype, gm * to_float(v) + load_view(a.x, b, gc, gi));
+      float o_val = val;  // the O that y is made from: what is stored
+      if (!DV && a.out_f32) {
+        static_cast<float*>(a.out)[off] = val;
+      } else {
+        const T v = from_float<T>(val);
+        out[off] = v;
+        o_val = to_float(v);
+      }
+      if (has_y) store_any(a.y, off, a.y_dtype, gm * o_val + load_view(a.x, b, gc, gi));
     }
   }
 }
@@ -405,6 +416,7 @@ cudaError_t pam_forward_impl(const PamForwardParams& p, cudaStream_t stream) {
   const bool has_y = p.gamma != nullptr && p.x.data != nullptr && p.y != nullptr;
   a.gamma = has_y ? p.gamma : nullptr;
   a.out = p.o;
+  a.out_f32 = p.o_dtype == DType::kFloat32;
   a.lse_out = p.lse;
   a.x = p.x;
   a.y = has_y ? p.y : nullptr;
@@ -544,7 +556,8 @@ size_t pam_backward_workspace_bytes(const PamBackwardParams& p) {
 
 cudaError_t pam_forward(const PamForwardParams& p, cudaStream_t stream) {
   if (!pam_sizes_ok(p.B, p.Cq, p.Cv, p.Nq, p.Nk)) return cudaErrorInvalidValue;
-  if (p.q.dtype != p.dtype || p.k.dtype != p.dtype || p.v.dtype != p.dtype)
+  if (p.q.dtype != p.dtype || p.k.dtype != p.dtype || p.v.dtype != p.dtype ||
+      (p.o_dtype != p.dtype && p.o_dtype != DType::kFloat32))
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.Nq == 0) return cudaSuccess;
   if (cudaError_t e = require_sm80(); e != cudaSuccess) return e;

@@ -7,11 +7,13 @@ static View3 mk(const void* p, const int64_t* s, int dt) {
 extern "C" {
 int emu_pam_forward(const int64_t* sz, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                     const void* v, const int64_t* vs, int dt, const void* x, const int64_t* xs, int xdt,
-                    const float* gamma, void* o, float* lse, void* y, int ydt, int tf32, double scale) {
+                    const float* gamma, void* o, int odt, float* lse, void* y, int ydt, int tf32,
+                    double scale) {
   PamForwardParams p;  // sz = (B, Cq, Cv, Nq, Nk)
   p.B = sz[0]; p.Cq = sz[1]; p.Cv = sz[2]; p.Nq = sz[3]; p.Nk = sz[4]; p.scale = scale;
   p.q = mk(q, qs, dt); p.k = mk(k, ks, dt); p.v = mk(v, vs, dt); p.x = mk(x, xs, xdt);
-  p.gamma = gamma; p.o = o; p.lse = lse; p.y = y; p.dtype = (DType)dt; p.y_dtype = (DType)ydt; p.allow_tf32 = tf32;
+  p.gamma = gamma; p.o = o; p.lse = lse; p.y = y; p.dtype = (DType)dt; p.o_dtype = (DType)odt; p.y_dtype = (DType)ydt;
+  p.allow_tf32 = tf32;
   return (int)pam_forward(p, nullptr);
 }
 static PamBackwardParams pam_bwd(const int64_t* sz, const void* dy, const int64_t* dys, int dydt,

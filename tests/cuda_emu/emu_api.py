@@ -94,12 +94,13 @@ def S(t):
     return I64(*t.stride()) if t is not None else None
 
 
-def pam_forward(q, k, v, x=None, gamma=None, tf32=False, scale=1.0):
-    """q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk], x [B, Cv, Nq]; E = scale * q^T k."""
+def pam_forward(q, k, v, x=None, gamma=None, tf32=False, scale=1.0, o_dtype=torch.float32):
+    """q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk], x [B, Cv, Nq]; E = scale * q^T k.
+    o_dtype: O's dtype, fp32 as the binding gives it (or v's dtype: the kernels take both)."""
     B, Cq, N = q.shape
     Nk = k.shape[2]
     Cv = v.shape[1]
-    o = NAN(B, Cv, N, dtype=v.dtype)
+    o = NAN(B, Cv, N, dtype=o_dtype)
     lse = NAN(B, N)
     y = None
     g = None
@@ -109,7 +110,7 @@ def pam_forward(q, k, v, x=None, gamma=None, tf32=False, scale=1.0):
         g = gamma.float().reshape(1).contiguous()
     rc = lib.emu_pam_forward(I64(B, Cq, Cv, N, Nk), P(q), S(q), P(k), S(k), P(v), S(v), DT[v.dtype],
                              P(x), S(x), DT[x.dtype] if x is not None else 0,
-                             P(g), P(o), P(lse), P(y), DT[y.dtype] if y is not None else 0, int(tf32),
+                             P(g), P(o), DT[o.dtype], P(lse), P(y), DT[y.dtype] if y is not None else 0, int(tf32),
                              ctypes.c_double(scale))
     assert rc == 0, rc
     return o, lse, y
