@@ -105,9 +105,9 @@ def on_device(t):
     return torch.cuda.device_of(t)
 
 
-def rowdot(kernels, dy, o, round_dy=False):
-    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N] (round_dy: dy rounded to o's dtype).
-    kernels: the caller's kernel module (its rowdot_kernel, from _common_kernels)."""
+def rowdot(kernels, dy, o, round_like=None):
+    """R[b, i] = sum_c dy[b, c, i] o[b, c, i] in fp32: [B, N] (round_like: a tensor whose dtype dy
+    is rounded to first). kernels: the caller's kernel module (its rowdot_kernel, _common_kernels)."""
     import triton
 
     B, Cc, N = o.shape
@@ -117,8 +117,9 @@ def rowdot(kernels, dy, o, round_dy=False):
     meta, warps = fixed("rowdot", o.device)
     with on_device(o):
         kernels.rowdot_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B)](
-            dy, o, r, N, Cc, *strides(dy), *strides(o), *strides(r),
-            ROUND_DY=round_dy, num_warps=warps, **meta)
+            dy, o, o if round_like is None else round_like, r, N, Cc,
+            *strides(dy), *strides(o), *strides(r),
+            ROUND_DY=round_like is not None, num_warps=warps, **meta)
     return r
 
 

@@ -33,15 +33,16 @@ def _dot(a, b, acc, PREC: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def rowdot_kernel(DY, O, R, N, C,
+def rowdot_kernel(DY, O, RND, R, N, C,
                   s_db, s_dc, s_dn, s_ob, s_oc, s_on, s_rb, s_rn,
                   ROUND_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """R[b, i] = sum_c dy[b, c, i] * o[b, c, i]   (fp32).
 
     DY, O: [B, C, N]; R: [B, N] fp32. Grid (cdiv(N, BLOCK_M), B). PAM's backward uses it for
     Delta = gamma * R and both PAM and CAM for dgamma = sum(R) (summed by torch: fixed order).
-    ROUND_DY rounds dy to O's dtype first: the dy values the PAM gradient products use when dy
-    is wider than v (autocast), so that dP - Delta cancels consistently.
+    ROUND_DY rounds dy to RND's dtype first (RND: only its element type is used): the dy values
+    the PAM gradient products use when dy is wider than v (autocast), so that dP - Delta cancels
+    consistently. PAM's O is fp32 also for fp16/bf16 inputs (pam.forward): Delta unrounded.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -57,10 +58,18 @@ def rowdot_kernel(DY, O, R, N, C,
         mask = ((c0 + offs_c) < C)[:, None] & m_mask[None, :]
         dy = tl.load(dy_ptrs, mask=mask, other=0.0)
         if ROUND_DY:
-            dy = dy.to(O.dtype.element_ty)
+            dy = dy.to(RND.dtype.element_ty)
         dy = dy.to(tl.float32)
         o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(dy * o, 0)
         dy_ptrs += BLOCK_C * s_dc
         o_ptrs += BLOCK_C * s_oc
     tl.store(R + b * s_rb + m64 * s_rn, acc, mask=m_mask)
+
+
+@triton.jit
+def _store_residual(GAMMA, X, Y, x_offs, y_offs, o, mask):
+    """Y[y_offs] = gamma * o + X[x_offs] in fp32, rounded once to Y's dtype (o: fp32 tile)."""
+    g = tl.load(GAMMA).to(tl.float32)
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + y_offs, (g * o + x).to(Y.dtype.element_ty), mask=mask)

@@ -8,7 +8,8 @@ offsets, fp32 accumulation, exp2 softmax): _common_kernels.py. Importing this mo
 import triton
 import triton.language as tl
 
-from ._common_kernels import LOG2E, _dot, rowdot_kernel  # noqa: F401  (rowdot_kernel: host's K.rowdot_kernel)
+# rowdot_kernel: launched by the host as K.rowdot_kernel (_common.rowdot)
+from ._common_kernels import LOG2E, _dot, _store_residual, rowdot_kernel  # noqa: F401
 
 
 @triton.jit
@@ -123,6 +124,21 @@ def cam_softmax_kernel(P, A, C, S, s_ps, s_pb, s_pi, s_ab, s_ai,
 
 
 @triton.jit
+def _channel_position_tile(C, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """The [BLOCK_M channels, BLOCK_N positions] output tile of a [C, C] x [C, N] product for a
+    program of grid (cdiv(C, BLOCK_M) * cdiv(N, BLOCK_N), B), row blocks fastest (programs that
+    run together share a column block of a in L2): (b, offs_m, offs_n, offs_k, m_mask, n_mask)."""
+    pid = tl.program_id(0)
+    pid_m = pid % tl.cdiv(C, BLOCK_M)
+    pid_n = pid // tl.cdiv(C, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < C, offs_n < N
+
+
+@triton.jit
 def cam_apply_kernel(
         A, X, GAMMA, O, Y, C, N,
         s_ab, s_ai, s_xb, s_xc, s_xn, s_ob, s_oc, s_on, s_yb, s_yc, s_yn,
@@ -135,15 +151,8 @@ def cam_apply_kernel(
     Grid (cdiv(C, BLOCK_M) * cdiv(N, BLOCK_N), B): row blocks vary fastest, so programs that
     run together share the same [C, BLOCK_N] column block of a in L2.
     """
-    pid = tl.program_id(0)
-    pid_m = pid % tl.cdiv(C, BLOCK_M)
-    pid_n = pid // tl.cdiv(C, BLOCK_M)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < C
-    n_mask = offs_n < N
+    b, offs_m, offs_n, offs_k, m_mask, n_mask = _channel_position_tile(C, N, BLOCK_M, BLOCK_N,
+                                                                       BLOCK_K)
     m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)
@@ -161,11 +170,8 @@ def cam_apply_kernel(
     tl.store(O + b * s_ob + m64[:, None] * s_oc + n64[None, :] * s_on,
              acc.to(O.dtype.element_ty), mask=mask)
     if HAS_RES:
-        g = tl.load(GAMMA).to(tl.float32)
-        x = tl.load(X + b * s_xb + m64[:, None] * s_xc + n64[None, :] * s_xn,
-                    mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + b * s_yb + m64[:, None] * s_yc + n64[None, :] * s_yn,
-                 (g * acc + x).to(Y.dtype.element_ty), mask=mask)
+        _store_residual(GAMMA, X, Y, b * s_xb + m64[:, None] * s_xc + n64[None, :] * s_xn,
+                        b * s_yb + m64[:, None] * s_yc + n64[None, :] * s_yn, acc, mask)
 
 
 @triton.jit
@@ -235,15 +241,8 @@ def cam_bwd_dx_kernel(
     row blocks fastest. The (dE + dE^T) tile stays fp32 when M_F32 (fp32 and fp16 inputs: dE
     can exceed the fp16 range), with input_precision PREC_M; for bf16 it is cast to bf16.
     """
-    pid = tl.program_id(0)
-    pid_m = pid % tl.cdiv(C, BLOCK_M)
-    pid_n = pid // tl.cdiv(C, BLOCK_M)
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < C
-    n_mask = offs_n < N
+    b, offs_m, offs_n, offs_k, m_mask, n_mask = _channel_position_tile(C, N, BLOCK_M, BLOCK_N,
+                                                                       BLOCK_K)
     m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)

@@ -41,7 +41,7 @@ def _kernels(name):
 def pam_forward_triton(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor],
                        gamma: Optional[Tensor], scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; E = scale * q^T k.
-    -> (o [B, Cv, Nq], lse [B, Nq] fp32, y = gamma*o + x or shape [0])."""
+    -> (o [B, Cv, Nq] (fp32 for fp16/bf16 v), lse [B, Nq] fp32, y = gamma*o + x or shape [0])."""
     return _kernels("pam").forward(q, k, v, x, gamma, scale)
 
 
@@ -65,5 +65,5 @@ def cam_backward_triton(dy: Tensor, x: Tensor, attn: Tensor, o: Tensor, gamma: O
     return _kernels("cam").backward(dy, x, attn, o, gamma, mode)
 
 
-_meta.register_pam(PAM_FORWARD, PAM_BACKWARD)
+_meta.register_pam(PAM_FORWARD, PAM_BACKWARD, o_fp32=True)   # O fp32 for fp16/bf16 (pam.forward)
 _meta.register_cam(CAM_FORWARD, CAM_BACKWARD)

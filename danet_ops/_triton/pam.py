@@ -19,7 +19,7 @@ from triton import cdiv
 
 from . import _common as C
 from . import pam_kernels as K
-from .._contract import CQ_MAX, CQ_MIN, CV_MAX, CV_MIN, output_dtype
+from .._contract import CQ_MAX, CQ_MIN, CV_MAX, CV_MIN, output_dtype, stats_dtype
 
 _AUTOTUNE_KEY = ["N_KEY", "NK_KEY", "CQ", "CV"]
 LOG2E = 1.4426950408889634
@@ -55,8 +55,9 @@ def _scales(scale):
 
 def forward(q, k, v, x, gamma, scale=1.0):
     """q: [B, Cq, Nq]; k: [B, Cq, Nk]; v: [B, Cv, Nk]; x: [B, Cv, Nq] | None; gamma: [1] | None
-    (any strides). E = scale * q^T k. -> o [B, Cv, Nq] (v's dtype), lse [B, Nq] fp32 (log-sum-exp
-    of E's rows), y = gamma*o + x [B, Cv, Nq] (or shape [0])."""
+    (any strides). E = scale * q^T k. -> o [B, Cv, Nq] (fp32 for fp16/bf16 v, kept unrounded
+    for the backward's Delta, like the CPU kernel: functional callers get v's dtype; else v's
+    dtype), lse [B, Nq] fp32 (log-sum-exp of E's rows), y = gamma*o + x [B, Cv, Nq] (or [0])."""
     _check_qkv(q, k, v, scale)
     if (x is None) != (gamma is None):
         raise ValueError("pam (triton): give both x and gamma, or neither")
@@ -69,7 +70,7 @@ def forward(q, k, v, x, gamma, scale=1.0):
     if residual and tuple(x.shape) != (B, Cv, N):
         raise ValueError(f"pam (triton): x must be [B, Cv, Nq] = {(B, Cv, N)}; got {tuple(x.shape)}")
     dev = q.device
-    o = torch.empty((B, Cv, N), dtype=v.dtype, device=dev)
+    o = torch.empty((B, Cv, N), dtype=stats_dtype(v.dtype), device=dev)
     lse = torch.empty((B, N), dtype=torch.float32, device=dev)
     if residual:
         y_dtype = output_dtype(v.dtype, x.dtype, gamma.dtype)
@@ -132,8 +133,10 @@ def backward(dy, q, k, v, o, lse, gamma, scale=1.0):
 
     # Delta = gamma * r inside the kernels, from the dy values their products use (dy rounded
     # to v's dtype); dgamma from the exact dy. They differ only when dy is wider (autocast).
+    # o is the forward's fp32 O also for fp16/bf16 inputs: a rounded O would put its rounding
+    # into Delta, which a sharp softmax amplifies in dE = P (dA - Delta) (issue 15).
     r_exact = C.rowdot(K, dy, o)
-    r = r_exact if dy.dtype == v.dtype else C.rowdot(K, dy, o, round_dy=True)
+    r = r_exact if dy.dtype == v.dtype else C.rowdot(K, dy, o, round_like=v)
     lse = lse if lse.dtype == torch.float32 else lse.float()
     gptr = gamma if has_gamma else r
     cq_p = _cq_pad(Cq)

@@ -7,7 +7,8 @@ exp2 softmax): _common_kernels.py. Importing this module imports triton.
 import triton
 import triton.language as tl
 
-from ._common_kernels import LOG2E, _dot, rowdot_kernel  # noqa: F401  (rowdot_kernel: host's K.rowdot_kernel)
+# rowdot_kernel: launched by the host as K.rowdot_kernel (_common.rowdot)
+from ._common_kernels import LOG2E, _dot, _store_residual, rowdot_kernel  # noqa: F401
 
 
 # ============================================================================ forward
@@ -83,11 +84,8 @@ def pam_fwd_kernel(
     first = (pid_c + tl.zeros((BLOCK_M,), tl.int32)) == 0         # one chunk stores lse
     tl.store(LSE + b * s_lb + m64 * s_ln, lse, mask=m_mask & first)
     if HAS_RES:
-        g = tl.load(GAMMA).to(tl.float32)
-        x = tl.load(X + b * s_xb + m64[:, None] * s_xn + c64[None, :] * s_xc,
-                    mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(Y + b * s_yb + m64[:, None] * s_yn + c64[None, :] * s_yc,
-                 (g * o + x).to(Y.dtype.element_ty), mask=out_mask)
+        _store_residual(GAMMA, X, Y, b * s_xb + m64[:, None] * s_xn + c64[None, :] * s_xc,
+                        b * s_yb + m64[:, None] * s_yn + c64[None, :] * s_yc, o, out_mask)
 
 
 # ============================================================================ backward
