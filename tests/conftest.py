@@ -162,6 +162,30 @@ def compare_to_oracle(fn, oracle_fn, inputs, names, floor):
     return got, grads
 
 
+PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
+CAM_NAMES = ("y", "dx", "dgamma")
+
+
+def compare_pam(backend, inputs, floor, **kw):
+    """position_attention(*inputs, backend=backend, **kw): y and every gradient vs the float64
+    oracle (compare_to_oracle). fp32 at IEEE precision (no TF32 on a GPU): the bound is the
+    fp32 reference's."""
+    from danet_ops import position_attention, reference
+    fn = lambda *t: position_attention(*t, backend=backend, **kw)  # noqa: E731
+    oracle = lambda *t: reference.position_attention(*t, **kw)     # noqa: E731
+    with tf32(False):
+        return compare_to_oracle(fn, oracle, inputs, PAM_NAMES, floor)
+
+
+def compare_cam(backend, inputs, mode, floor):
+    """channel_attention(x, gamma, mode, backend): y, dx, dgamma vs the float64 oracle, as above."""
+    from danet_ops import channel_attention, reference
+    fn = lambda x, g: channel_attention(x, g, mode=mode, backend=backend)  # noqa: E731
+    oracle = lambda x, g: reference.channel_attention(x, g, mode=mode)     # noqa: E731
+    with tf32(False):
+        return compare_to_oracle(fn, oracle, inputs, CAM_NAMES, floor)
+
+
 @contextlib.contextmanager
 def tf32(allow):
     """Set torch's fp32-matmul TF32 policy (both switches the kernels read) and restore it after.

@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from danet_ops import ChannelAttention, channel_attention, reference
-from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, cam_inputs, compare_to_oracle,
+from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, cam_inputs, compare_cam,
                       device_for, floor, max_err, run_with_grads, tf32)
 
 MODES = ("original", "paper")
-NAMES = ("y", "dx", "dgamma")
 
 
 def _compare(inputs, mode, floor, backend="cpu"):
-    """The op on `backend` (a backend name) vs the float64 oracle: y, dx, dgamma. fp32 at IEEE
-    precision (no TF32 on a GPU): the bound is the fp32 reference's."""
-    fn = lambda x, g: channel_attention(x, g, mode=mode, backend=backend)  # noqa: E731
-    ref = lambda x, g: reference.channel_attention(x, g, mode=mode)        # noqa: E731
-    with tf32(False):
-        return compare_to_oracle(fn, ref, inputs, NAMES, floor)
+    return compare_cam(backend, inputs, mode, floor)
 
 
 def _run(backend_id, shape, dtype, mode, **inputs_kw):

@@ -8,11 +8,9 @@ import torch
 
 import danet_ops
 from danet_ops import PositionAttention, position_attention, reference
-from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, compare_to_oracle, device_for,
+from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, compare_pam, device_for,
                       floor, lowp_bound, max_err, pam_inputs, pam_minus_inf_inputs, run_with_grads,
                       tf32, to64)
-
-NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 
 SHAPES = [  # B, Cq, Cv, H, W  (ragged: N never a multiple of the 256 tile except where noted)
     (2, 8, 16, 13, 1),
@@ -46,12 +44,7 @@ def _keep(backend, shape, dtype=None):
 
 
 def _compare(backend, inputs, fl, **kw):
-    """The op on `backend` (a backend name) vs the float64 oracle: y and every gradient.
-    fp32 at IEEE precision (no TF32 on a GPU): the bound is the fp32 reference's."""
-    fn = lambda *t: position_attention(*t, backend=backend, **kw)  # noqa: E731
-    oracle = lambda *t: reference.position_attention(*t, **kw)     # noqa: E731
-    with tf32(False):
-        return compare_to_oracle(fn, oracle, inputs, NAMES, fl)
+    return compare_pam(backend, inputs, fl, **kw)
 
 
 def _run(backend_id, shape, dtype, **inputs_kw):

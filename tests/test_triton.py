@@ -1,130 +1,36 @@
-"""Backend "triton": the Triton kernels against the float64 oracle, on CPU through the Triton
-interpreter (any machine) and on CUDA (skipped without a GPU).
+"""Backend "triton", what is Triton's own: op registration and schemas, lazy import, the sm90
+offline compile (no spills), the host code's copies, the general op's lse, the CAM split
+reduction, opcheck and torch.compile, and the GPU checks (autotuning, TF32, determinism). The
+op-vs-oracle cases of PAM and CAM run on every backend, triton included, in test_pam.py and
+test_cam.py.
 
-Why a child process. Triton decides once per process, when it is first imported, whether
-kernels are interpreted (TRITON_INTERPRET=1 at that moment) or compiled, and importing
-danet_ops imports triton (torch._dynamo, pulled in by the op registration, imports it). So
-the tests marked @interpreted run in one child `pytest` started with TRITON_INTERPRET=1 (in the
-background, from module setup, while this process runs its own tests, which come first in the
-file), and in this process each of them reports its own outcome from the child's junit report
-(the first one waits for the child). If this process already interprets (the suite was started
-with TRITON_INTERPRET=1), they run here directly. Nothing in the environment of this process
-changes, so the rest of the suite runs as before, and CUDA tests here use compiled kernels.
+Triton decides once per process, when it is first imported, whether kernels are interpreted
+(TRITON_INTERPRET=1 at that moment) or compiled. Tests marked `interpreter` run on CPU tensors
+under the interpreter, in their own pytest invocation (scripts/test.sh: `TRITON_INTERPRET=1
+pytest -m interpreter`); the rest of the suite, CUDA tests with compiled kernels included, in the
+normal one (conftest.pytest_collection_modifyitems).
 """
 import functools
 import os
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
-import danet_ops
 from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
                        position_attention, reference)
 from danet_ops import _triton
+from danet_ops._contract import stats_dtype
 from danet_ops._triton import _common
 import conftest
-from conftest import (assert_close_to_oracle, make, max_err, pam_inputs, run_with_grads, tf32,
+from conftest import (PAM_NAMES, TRITON_FLOOR, assert_close_to_oracle, compare_cam, compare_pam,
+                      compare_to_oracle, floor, make, max_err, pam_inputs, run_with_grads, tf32,
                       to64)
 
 ops = torch.ops.danet_ops
 IN_INTERPRETER = _triton.interpreting()
-_CHILD_FLAG = "DANET_OPS_TRITON_TEST_CHILD"
-# Floors of the 2x-the-reference's-error bound (relative to max(|oracle|, 1)), where the
-# reference is nearly exact: fp32 as conftest.FLOOR; fp16 4u and bf16 5u (u = 2^-11, 2^-8): on a
-# GPU the P tile and dO are rounded to the input dtype before the tensor-core products (two
-# roundings more than the reference's softmax-then-bmm), and the result once more.
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-# ----------------------------------------------------------------------------- child process
-_child = {"selected": [], "results": None}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_child(request):
-    """Start the child on the @interpreted tests this session selected, in the background, so
-    that it runs while the tests of this process (defined first in this file) run."""
-    _child["selected"] = [item.nodeid for item in request.session.items
-                          if item.module is sys.modules[__name__]
-                          and getattr(item.function, "_interpreted", False)]
-    _child["rootdir"] = str(request.config.rootpath)
-    if _child["selected"] and not IN_INTERPRETER:
-        _start_child()
-    yield
-    proc = _child.get("proc")
-    if proc is not None and proc.poll() is None:   # e.g. -x stopped the session early
-        proc.kill()
-        proc.wait()
-    if _child.get("tmp") is not None:
-        _child["tmp"].cleanup()
-
-
-def _start_child():
-    if os.environ.get(_CHILD_FLAG) == "1":
-        raise RuntimeError("the TRITON_INTERPRET=1 child did not get an interpreting triton")
-    _child["tmp"] = tempfile.TemporaryDirectory()
-    _child["report"] = os.path.join(_child["tmp"].name, "junit.xml")
-    _child["log"] = open(os.path.join(_child["tmp"].name, "out.txt"), "w+")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           f"--junitxml={_child['report']}", f"--rootdir={_child['rootdir']}", *_child["selected"]]
-    _child["proc"] = subprocess.Popen(cmd, cwd=_child["rootdir"], env=env, stdout=_child["log"],
-                                      stderr=subprocess.STDOUT)
-
-
-def _collect_child():
-    try:
-        _child["proc"].wait(timeout=1200)
-    except subprocess.TimeoutExpired:
-        _child["proc"].kill()
-        _child["proc"].wait()
-    _child["log"].seek(0)
-    _child["output"] = _child["log"].read()[-4000:]
-    _child["log"].close()
-    results = {}
-    if os.path.exists(_child["report"]):
-        for case in ET.parse(_child["report"]).getroot().iter("testcase"):
-            outcome, text = "passed", ""
-            for part in case:
-                if part.tag in ("failure", "error"):
-                    outcome = "failed"
-                    text = (part.get("message") or "") + "\n" + (part.text or "")
-                    break
-                if part.tag == "skipped":
-                    outcome, text = "skipped", part.get("message") or ""
-            results[case.get("name")] = (outcome, text)
-    _child["results"] = results
-
-
-def _replay():
-    if _child["results"] is None:
-        _collect_child()
-    nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
-    name = nodeid.split("::")[-1]
-    outcome, text = _child["results"].get(name, (None, ""))
-    if outcome == "passed":
-        return
-    if outcome == "skipped":
-        pytest.skip(text)
-    if outcome == "failed":
-        pytest.fail(f"[in the TRITON_INTERPRET=1 child]\n{text}", pytrace=False)
-    pytest.fail(f"no result for {name} from the TRITON_INTERPRET=1 child; its output:\n"
-                f"{_child['output']}", pytrace=False)
-
-
-def interpreted(fn):
-    """Run fn under the Triton interpreter: here if this process interprets, else in the child."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if IN_INTERPRETER:
-            return fn(*args, **kwargs)
-        return _replay()
-    wrapper._interpreted = True
-    return wrapper
 
 
 def needs_cuda():
@@ -138,43 +44,8 @@ def needs_cuda():
     return torch.device("cuda")
 
 
-# ----------------------------------------------------------------------------- comparisons
-PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
-
-
-def _compare_pam(inputs, dtype, backend="triton"):
-    """y and every gradient vs the float64 oracle, bounded by 2x the same-dtype reference error."""
-    fn = lambda *t: position_attention(*t, backend=backend)  # noqa: E731
-    got, grads = run_with_grads(fn, inputs)
-    ref64, grads64 = run_with_grads(reference.position_attention, to64(inputs))
-    lowp, grads_lowp = run_with_grads(reference.position_attention, inputs)
-    for name, g, o, lp in zip(PAM_NAMES, [got] + grads, [ref64] + grads64, [lowp] + grads_lowp):
-        if o is None:
-            continue
-        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, reference gives {lp.dtype}"
-        assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)} != {tuple(o.shape)}"
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
-
-
-# This file's CAM data: a little larger activations and another gamma than test_cam.py's.
+# This file's CAM data: a little larger activations and another gamma than conftest's default.
 cam_inputs = functools.partial(conftest.cam_inputs, scale=0.3, gamma=0.6)
-
-
-def _compare_cam(x, gamma, mode, dtype, backend="triton"):
-    fn = lambda *t: channel_attention(*t, mode=mode, backend=backend)  # noqa: E731
-    got, grads = run_with_grads(fn, [x, gamma])
-    ref64, grads64 = run_with_grads(lambda *t: reference.channel_attention(*t, mode=mode),
-                                    to64([x, gamma]))
-    lowp, grads_lowp = run_with_grads(lambda *t: reference.channel_attention(*t, mode=mode),
-                                      [x, gamma])
-    for name, g, o, lp in zip(("y", "dx", "dgamma"), [got] + grads, [ref64] + grads64,
-                              [lowp] + grads_lowp):
-        if o is None:
-            continue
-        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, reference gives {lp.dtype}"
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
 
 
 # ============================================================================ this process
@@ -363,73 +234,7 @@ def test_compiled_mode_kernels_build_for_sm90_without_spills(no_tf32):
 
 
 # ============================================================================ interpreter: PAM
-PAM_SHAPES = [  # B, Cq, Cv, H, W   (interpreter blocks: 16 positions, 16 value channels)
-    (2, 5, 24, 7, 5),     # N = 35: ragged query/key blocks; Cv = 24: two value chunks
-    (1, 3, 12, 4, 4),     # N = 16: exactly one block; one value chunk (dK written directly)
-    (1, 1, 1, 17, 1),     # Cq = Cv = 1, N = 17
-    (1, 20, 40, 3, 3),    # Cq = 20 padded to 32; three value chunks, the last one ragged
-]
-
-
-@pytest.mark.parametrize("shape", PAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@interpreted
-def test_interp_pam_matches_oracle(shape, dtype):
-    _compare_pam(pam_inputs(*shape, dtype=dtype), dtype)
-
-
-@interpreted
-def test_interp_pam_bf16_upcast_path():
-    # The interpreter's bf16 tl.dot is wrong; the kernels upcast bf16 tiles there (f32_dot).
-    assert _common.f32_dot(torch.bfloat16) and not _common.f32_dot(torch.float16)
-    _compare_pam(pam_inputs(2, 5, 24, 7, 5, dtype=torch.bfloat16), torch.bfloat16)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
-@interpreted
-def test_interp_pam_layouts(layout):
-    inputs = pam_inputs(2, 4, 20, 5, 7, dtype=torch.float32, layout=layout)
-    assert not inputs[0].is_contiguous()
-    _compare_pam(inputs, torch.float32)
-
-
-@interpreted
-def test_interp_pam_without_residual_and_gamma_zero():
-    _compare_pam(pam_inputs(2, 4, 20, 6, 5, residual=False), torch.float32)
-    # gamma = 0: y = x, yet dgamma = sum(dy * O) must be exact and dq, dk, dv zero.
-    q, k, v, x, g = pam_inputs(1, 4, 20, 6, 5)
-    g = torch.zeros(1, requires_grad=True)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, x)]
-    y = position_attention(*leaves, g, backend="triton")
-    assert torch.equal(y, x)
-    w = torch.randn_like(y)
-    (y * w).sum().backward()
-    o64 = reference.position_attention(*to64([q, k, v]))
-    assert abs(g.grad.item() - (w.double() * o64).sum().item()) < 1e-4
-    assert all(t.grad.abs().max() == 0 for t in leaves[:3])
-    assert torch.equal(leaves[3].grad, w)
-
-
-@interpreted
-def test_interp_pam_minus_inf_first_key_blocks_get_weight_zero():
-    q, k, v = conftest.pam_minus_inf_inputs()
-    oracle = reference.position_attention(*to64([q, k, v]))
-    out = position_attention(q, k, v, backend="triton")
-    assert out.isfinite().all()
-    assert max_err(out, oracle) <= 1e-5 * oracle.abs().max().item()   # fp32 floor
-    q, k, v = conftest.pam_minus_inf_inputs(whole_row=True)            # 0/0, as the reference
-    assert position_attention(q, k, v, backend="triton").isnan().all()
-
-
-@interpreted
-def test_interp_pam_mixed_dtypes_from_autocast():
-    # autocast gives fp16 q, k, v with fp32 x and gamma: y is fp32, dy reaches the op as fp32.
-    q, k, v, _, _ = pam_inputs(1, 4, 20, 5, 5, dtype=torch.float16)
-    _, _, _, x, g = pam_inputs(1, 4, 20, 5, 5, dtype=torch.float32)
-    _compare_pam([q, k, v, x, g], torch.float16)
-
-
-@interpreted
+@pytest.mark.interpreter
 def test_interp_pam_host_code_makes_no_copies():
     # Strided (channels_last) inputs are read in place: the host code only allocates outputs
     # (and small fp32 row buffers); no aten copy, clone or contiguous of an input happens.
@@ -457,7 +262,7 @@ def test_interp_pam_host_code_makes_no_copies():
     assert "aten.empty" in log.ops        # the log does see the host code's aten calls
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_interp_pam_empty_and_direct_op():
     q = torch.randn(2, 3, 0)
     o, lse, y = ops.pam_forward_triton(q, q, torch.randn(2, 5, 0), None, None)
@@ -492,26 +297,22 @@ def _general_naive(q, k, v, x, gamma, scale):
 
 def _compare_general(op, inputs, scale, dtype):
     """The op's result, lse and every gradient vs the float64 oracle, bounded by 2x the naive
-    computation's own error in the same dtype (floor: FLOOR[dtype], one rounding of the result)."""
+    computation's own error in the same dtype (floor: conftest.floor, the Triton kernels' roundings)."""
     residual = inputs[3] is not None
 
     def fused(*t):
         o, lse, y = op(*t, scale)
         fused.lse = lse
-        return y if residual else o
+        # o is kept in the statistics' dtype (fp32 for fp16/bf16: the backward's Delta uses it
+        # unrounded; docs/ARCHITECTURE.md); the functional API returns it in v's dtype, as here
+        assert o.dtype == stats_dtype(t[2].dtype), (o.dtype, t[2].dtype)
+        return y if residual else o.to(t[2].dtype)
 
     naive = lambda *t: _general_naive(*t, scale)[0]  # noqa: E731
-    got, grads = run_with_grads(fused, inputs)
-    ref64, grads64 = run_with_grads(naive, to64(inputs))
-    lowp, grads_lowp = run_with_grads(naive, inputs)
+    # shapes, dtypes (the naive computation's), finiteness, and the policy bound
+    got, _ = compare_to_oracle(fused, naive, inputs, PAM_NAMES, floor(dtype, "triton-interp"))
     B, _, Nq = inputs[0].shape
-    assert got.shape == (B, inputs[2].shape[1], Nq) and got.dtype == lowp.dtype
-    for name, g, o, lp in zip(PAM_NAMES, [got] + grads, [ref64] + grads64, [lowp] + grads_lowp):
-        if o is None:
-            continue
-        assert g.shape == o.shape and g.dtype == lp.dtype, (name, g.shape, o.shape, g.dtype)
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        assert_close_to_oracle(name, g, o, lp, FLOOR[dtype])
+    assert got.shape == (B, inputs[2].shape[1], Nq)
     lse64 = _general_naive(*to64(inputs), scale)[1]
     assert fused.lse.dtype == torch.float32 and fused.lse.shape == (B, Nq)
     # lse is fp32 softmax statistics over Nk <= 40 terms: a few fp32 ulps of |lse| (+ the fp16/bf16
@@ -531,14 +332,14 @@ GENERAL_CASES = [  # B, Cq, Cv, Nq, Nk, scale   (interpreter blocks: 16 position
 
 @pytest.mark.parametrize("case", GENERAL_CASES, ids=lambda c: "x".join(f"{v:g}" for v in c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@interpreted
+@pytest.mark.interpreter
 def test_interp_general_pam_matches_oracle(case, dtype):
     *shape, scale = case
     _compare_general(ops.pam_forward_triton, _general_inputs(*shape, dtype), scale, dtype)
 
 
 @pytest.mark.parametrize("layout,residual", [("channels_last", True), ("channel_slice", False)])
-@interpreted
+@pytest.mark.interpreter
 def test_interp_general_pam_layouts_bf16_no_residual(layout, residual):
     inputs = _general_inputs(2, 5, 20, 23, 6, torch.float32, layout, residual)
     assert not inputs[0].is_contiguous()
@@ -547,7 +348,7 @@ def test_interp_general_pam_layouts_bf16_no_residual(layout, residual):
                                                              layout, residual), 0.5, torch.bfloat16)
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_interp_general_pam_nk1_is_exact_and_scale_one_is_the_default():
     # One key: softmax is exactly 1 whatever the scale, so o == v (broadcast over the queries)
     # and lse == scale * q.k; the gradients of q and k are exactly 0.
@@ -566,7 +367,7 @@ def test_interp_general_pam_nk1_is_exact_and_scale_one_is_the_default():
     assert all(torch.equal(s, t) for s, t in zip(a, b))
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_interp_general_pam_rejects_mismatched_positions():
     q, k, v, x, g = _general_inputs(1, 3, 5, 10, 4, torch.float32)
     with pytest.raises(ValueError, match="Nk"):
@@ -575,7 +376,7 @@ def test_interp_general_pam_rejects_mismatched_positions():
         ops.pam_forward_triton(q, k, v, x[..., :4], g)          # x must have the output's shape
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_interp_general_pam_through_position_attention_4d():
     # The public API with 4-D maps of their own sizes: queries 5 x 7, keys/values pooled to 3 x 3.
     gen = torch.Generator().manual_seed(2)
@@ -591,11 +392,11 @@ def test_interp_general_pam_through_position_attention_4d():
     assert got.shape == (1, 12, 5, 7)
     for name, a, b in zip(PAM_NAMES, [got] + grads, [ref64] + grads64):
         assert a.shape == b.shape, name
-        assert_close_to_oracle(name, a, b, None, FLOOR[torch.float32])   # fp32 floor: 9 keys
+        assert_close_to_oracle(name, a, b, None, TRITON_FLOOR[torch.float32])   # fp32 floor: 9 keys
 
 
 @pytest.mark.parametrize("residual", [True, False])
-@interpreted
+@pytest.mark.interpreter
 def test_interp_opcheck_general_pam(residual):
     q, k, v, x, g = _general_inputs(1, 3, 5, 7, 4, torch.float32, "channels_last", residual)
     args = [None if a is None else a.clone().requires_grad_() if a.dim() == 1 else
@@ -607,37 +408,7 @@ def test_interp_opcheck_general_pam(residual):
 
 
 # ============================================================================ interpreter: CAM
-CAM_SHAPES = [  # B, C, H, W
-    (2, 20, 7, 7),      # C = 20: two channel blocks (upper pair mirrored); N = 49: two N splits
-    (1, 5, 3, 3),       # one block, one split
-    (1, 33, 10, 5),     # three blocks, the last ragged
-]
-
-
-@pytest.mark.parametrize("shape", CAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("mode", ["original", "paper"])
-@interpreted
-def test_interp_cam_matches_oracle(shape, dtype, mode):
-    x, g = cam_inputs(*shape, dtype=dtype)
-    _compare_cam(x, g, mode, dtype)
-
-
-@interpreted
-def test_interp_cam_bf16_no_residual():
-    x, _ = cam_inputs(2, 20, 7, 7, dtype=torch.bfloat16)
-    _compare_cam(x, None, "paper", torch.bfloat16)
-
-
-@pytest.mark.parametrize("layout,mode", [("channels_last", "original"), ("channel_slice", "paper")])
-@interpreted
-def test_interp_cam_layouts(layout, mode):
-    x, g = cam_inputs(2, 20, 7, 7, dtype=torch.float32, layout=layout)
-    assert not x.is_contiguous()
-    _compare_cam(x, g, mode, torch.float32)
-
-
-@interpreted
+@pytest.mark.interpreter
 def test_interp_cam_split_reduction_covers_all_of_n():
     # The partial products are split over N; every split must be summed exactly once.
     from danet_ops._triton import cam
@@ -650,7 +421,7 @@ def test_interp_cam_split_reduction_covers_all_of_n():
 
 
 @pytest.mark.parametrize("mode", ["original", "paper"])
-@interpreted
+@pytest.mark.interpreter
 def test_interp_cam_fp16_energy_beyond_fp16_range(mode):
     # E reaches ~1e5 > 65504: the fp16 reference overflows (inf, then NaN), the kernels do not.
     x = (torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(3)) * 40).half()
@@ -669,7 +440,7 @@ def test_interp_cam_fp16_energy_beyond_fp16_range(mode):
 
 # ============================================================================ interpreter: torch.library
 @pytest.mark.parametrize("residual", [True, False])
-@interpreted
+@pytest.mark.interpreter
 def test_interp_opcheck_pam(residual):
     q, k, v, x, g = pam_inputs(1, 3, 5, 3, 3, residual=residual, layout="channels_last")
     args = [None if a is None else (a if a.dim() == 1 else a.flatten(2)).requires_grad_()
@@ -683,7 +454,7 @@ def test_interp_opcheck_pam(residual):
 
 
 @pytest.mark.parametrize("residual", [True, False])
-@interpreted
+@pytest.mark.interpreter
 def test_interp_opcheck_cam(residual):
     x, g = cam_inputs(1, 6, 3, 3, dtype=torch.float32, residual=residual)
     x = x.flatten(2).requires_grad_()
@@ -697,7 +468,7 @@ def _compiled_matches_eager(module, x, backend):
     conftest.compiled_matches_eager(module, x, backend, tol=1e-5, param_tol=1e-4)
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_interp_compile_fullgraph_aot_eager():
     # fullgraph=True raises on any graph break; aot_eager runs AOTAutograd through the fake
     # kernels and the registered autograd, and calls the Triton ops (interpreted) at run time.
@@ -713,7 +484,7 @@ def test_interp_compile_fullgraph_aot_eager():
 
 
 @pytest.mark.slow
-@interpreted
+@pytest.mark.interpreter
 def test_interp_compile_fullgraph_inductor():
     torch.manual_seed(0)
     pam = PositionAttention(16, backend="triton")
@@ -723,18 +494,18 @@ def test_interp_compile_fullgraph_inductor():
 
 
 # ============================================================================ CUDA (compiled kernels)
-# With DANET_OPS_TEST_GPU_ON_CPU=1 (conftest.GPU_ON_CPU) these tests run as @interpreted tests
+# With DANET_OPS_TEST_GPU_ON_CPU=1 (conftest.GPU_ON_CPU) these tests are marked `interpreter`
 # instead: CPU tensors under TRITON_INTERPRET=1, each shape shrunk by _gpu_shape. That runs every
 # line of their logic (argument building, op contracts, comparisons) here; what only a GPU can
 # show (compiled kernels, autotuning, TF32 rounding, speed) still waits for one.
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-gpu_test = interpreted if conftest.GPU_ON_CPU else (lambda fn: fn)
+gpu_test = pytest.mark.interpreter if conftest.GPU_ON_CPU else (lambda fn: fn)
 
 
 def _gpu_device():
     if conftest.GPU_ON_CPU:
         if not IN_INTERPRETER:
-            pytest.skip("DANET_OPS_TEST_GPU_ON_CPU=1 runs this test in the TRITON_INTERPRET=1 child")
+            pytest.skip("DANET_OPS_TEST_GPU_ON_CPU=1 runs this test under TRITON_INTERPRET=1")
         return torch.device("cpu")
     return needs_cuda()
 
@@ -756,7 +527,8 @@ def _gpu_shape(*shape):
 @gpu_test
 def test_cuda_pam_matches_oracle(dtype, shape, no_tf32):
     dev = _gpu_device()
-    _compare_pam(pam_inputs(*_gpu_shape(*shape), dtype=dtype, device=dev), dtype)
+    compare_pam("triton", pam_inputs(*_gpu_shape(*shape), dtype=dtype, device=dev),
+                floor(dtype, "triton-cuda"))
 
 
 @pytest.mark.gpu
@@ -767,7 +539,7 @@ def test_cuda_cam_matches_oracle(dtype, mode):
     dev = _gpu_device()
     for shape in [(2, 512, 32, 32), (1, 37, 29, 31)]:
         x, g = cam_inputs(*_gpu_shape(*shape), dtype=dtype, scale=0.05, device=dev)
-        _compare_cam(x, g, mode, dtype)
+        compare_cam("triton", [x, g], mode, floor(dtype, "triton-cuda"))
 
 
 @pytest.mark.gpu
@@ -778,11 +550,11 @@ def test_cuda_layouts(layout):
     # device=dev: the layout is made on the device (.to(dev) would make a channel slice contiguous)
     inputs = pam_inputs(*_gpu_shape(2, 16, 64, 24, 20), dtype=torch.float16, layout=layout, device=dev)
     assert not inputs[0].is_contiguous()
-    _compare_pam(inputs, torch.float16)
+    compare_pam("triton", inputs, floor(torch.float16, "triton-cuda"))
     x, g = cam_inputs(*_gpu_shape(2, 64, 24, 20), dtype=torch.float16, layout=layout, scale=0.1,
                       device=dev)
     assert not x.is_contiguous()
-    _compare_cam(x, g, "original", torch.float16)
+    compare_cam("triton", [x, g], "original", floor(torch.float16, "triton-cuda"))
 
 
 @pytest.mark.gpu
