@@ -27,12 +27,24 @@ FULL = os.environ.get("DANET_OPS_BENCH_FULL", "0") == "1"
 RESULTS_DIR = os.environ.get("DANET_OPS_BENCH_OUT",
                              os.path.join(os.path.dirname(__file__), "results", "raw"))
 
-# glibc: serve every allocation >= 64 KiB with mmap so that freed memory goes back to the OS at
-# once; otherwise the process high-water mark misses allocations that reuse cached heap.
-try:
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-except (OSError, AttributeError):
-    pass
+@pytest.fixture(scope="session", autouse=True)
+def _mmap_large_allocations():
+    """glibc: serve every allocation >= 64 KiB with mmap for the benchmark session, so that freed
+    memory goes back to the OS at once; otherwise the process high-water mark (the peak-memory
+    columns) misses allocations that reuse cached heap. Set in this session fixture rather than at
+    import (importing the conftest, e.g. by a test collecting it, changes no process state);
+    DANET_OPS_BENCH_MALLOPT=0 opts out. glibc has no getter, so afterwards the threshold goes
+    back to glibc's documented default (128 KiB; its dynamic adjustment then stays off)."""
+    libc = None
+    if os.environ.get("DANET_OPS_BENCH_MALLOPT", "1") != "0":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            libc = None
+    yield
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)
 
 
 def cpu_sizes():
@@ -117,8 +129,8 @@ def cpu_lowp(dtype):
     if env:
         return env != "0"
     caps = cpu_capabilities()
-    if dtype == torch.bfloat16:
-        return bool(caps.get("amx_bf16"))
+    if dtype == torch.bfloat16:  # brgemm bf16 tiles: AMX-BF16 or AVX512-BF16 (cpu_common.h)
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
     return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
 
 

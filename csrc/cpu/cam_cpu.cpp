@@ -30,19 +30,17 @@
 #include <tuple>
 #include <vector>
 
+#include "../contract.h"  // CAM modes, generated from danet_ops/_contract.py
 #include "cpu_common.h"
 
 namespace danet_ops {
 namespace {
 
-int64_t env_int(const char* env, int64_t dflt) {
-  const char* s = std::getenv(env);
-  if (s == nullptr) return dflt;
-  const long long v = std::atoll(s);
-  return v >= 8 ? v : dflt;
-}
-const int64_t kChannelBlock = env_int("DANET_OPS_CPU_CAM_BLOCK_C", 128);  // Gram / dA block
-const int64_t kNBlock = env_int("DANET_OPS_CPU_CAM_BLOCK_N", 512);        // N block of O, da
+// Channel block of the Gram / dA products and N block of O / da, read per call
+// (cpu::env_block, a RuntimeError outside the bounds): DANET_OPS_CPU_CAM_BLOCK_C in [8, 4096],
+// DANET_OPS_CPU_CAM_BLOCK_N in [16, 65536]. A task's scratch is O(C * block), never O(N^2).
+int64_t cam_block_c() { return cpu::env_block("DANET_OPS_CPU_CAM_BLOCK_C", 128, 8, 4096); }
+int64_t cam_block_n() { return cpu::env_block("DANET_OPS_CPU_CAM_BLOCK_N", 512, 16, 65536); }
 
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;  // see pam_cpu.cpp
 
@@ -59,14 +57,16 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType ct) {
 }
 
 double mode_sign(const std::string& mode) {
-  TORCH_CHECK(mode == "original" || mode == "paper",
-              "cam: mode must be 'original' or 'paper'; got '", mode, "'");
-  return mode == "original" ? -1.0 : 1.0;
+  using contract::kCamModeOriginal;
+  using contract::kCamModePaper;
+  TORCH_CHECK(mode == kCamModeOriginal || mode == kCamModePaper, "cam: mode must be '",
+              kCamModeOriginal, "' or '", kCamModePaper, "'; got '", mode, "'");
+  return mode == kCamModeOriginal ? -1.0 : 1.0;
 }
 
 // E[b] = a[b] a[b]^T for every batch, computing the upper-triangle blocks only.
 // a: [B, C, N] (any strides; operand dtype) -> E: [B, C, C] contiguous in `ct`.
-at::Tensor gram_symmetric(const at::Tensor& a, at::ScalarType ct) {
+at::Tensor gram_symmetric(const at::Tensor& a, at::ScalarType ct, int64_t kChannelBlock) {
   const int64_t B = a.size(0), C = a.size(1);
   const int64_t nb = (C + kChannelBlock - 1) / kChannelBlock;
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, J) with I <= J
@@ -110,6 +110,7 @@ at::Tensor softmax_rows(at::Tensor E, double s) {
 void cam_forward_impl(const at::Tensor& x_, const std::optional<at::Tensor>& gamma_, double s,
                       bool keep_o, at::Tensor& o, at::Tensor& attn, at::Tensor& y) {
   TORCH_CHECK(x_.dim() == 3, "cam: x must be [B, C, N]; got ", x_.sizes());
+  const int64_t kChannelBlock = cam_block_c(), kNBlock = cam_block_n();  // checked before any work
   const auto ct = compute_type(x_.scalar_type());
   const auto ot = operand_type(x_.scalar_type());
   const at::Tensor a = as_type(x_, ot);
@@ -118,7 +119,7 @@ void cam_forward_impl(const at::Tensor& x_, const std::optional<at::Tensor>& gam
   const double gamma = residual ? gamma_->item<double>() : 0.0;
   const auto fopt = a.options().dtype(ct);
 
-  attn = softmax_rows(gram_symmetric(a, ct), s);           // [B, C, C] in ct
+  attn = softmax_rows(gram_symmetric(a, ct, kChannelBlock), s);           // [B, C, C] in ct
   const at::Tensor Aop = as_type(attn, ot);                // A rounded to the operand dtype
 
   const bool write_o = keep_o || !residual;
@@ -174,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(
               "cam_backward: dy, x, o must be [B, C, N] of one shape; got dy ", dy_.sizes(),
               ", x ", x_.sizes(), ", o ", o_.sizes());
   const double s = mode_sign(std::string(mode_));
+  const int64_t kChannelBlock = cam_block_c(), kNBlock = cam_block_n();
   const auto ct = compute_type(x_.scalar_type());
   const auto ot = operand_type(x_.scalar_type());
   const at::Tensor a = as_type(x_, ot), dy = as_type(dy_, ot);

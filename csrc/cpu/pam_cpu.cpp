@@ -33,10 +33,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -44,16 +46,13 @@
 namespace danet_ops {
 namespace {
 
-// Tile sizes: query block BM (one task of the forward) and key block BN. 256 keeps a task's
-// working set ([Cv, BM] accumulator + [BM, BN] tile) in L2 for Cv = 512.
-int64_t block_size(const char* env, int64_t dflt) {
-  const char* s = std::getenv(env);
-  if (s == nullptr) return dflt;
-  const long long v = std::atoll(s);
-  return v >= 16 ? v : dflt;
-}
-const int64_t kBlockM = block_size("DANET_OPS_CPU_BLOCK_M", 256);
-const int64_t kBlockN = block_size("DANET_OPS_CPU_BLOCK_N", 256);
+// Tile sizes: query block BM (one task of the forward) and key block BN, read per call from
+// DANET_OPS_CPU_BLOCK_M / _N (cpu::env_block: integers in [16, 1024], else a RuntimeError).
+// 256 keeps a task's working set ([Cv, BM] accumulator + [BM, BN] tile) in L2 for Cv = 512; the
+// cap 1024 bounds a task's scratch (a 4 MB fp32 tile) independently of N.
+constexpr int64_t kBlockDefault = 256, kBlockMin = 16, kBlockMax = 1024;
+int64_t block_m() { return cpu::env_block("DANET_OPS_CPU_BLOCK_M", kBlockDefault, kBlockMin, kBlockMax); }
+int64_t block_n() { return cpu::env_block("DANET_OPS_CPU_BLOCK_N", kBlockDefault, kBlockMin, kBlockMax); }
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 at::ScalarType compute_type(at::ScalarType t) {
@@ -87,6 +86,355 @@ at::ScalarType operand_type(const at::Tensor& q, const at::Tensor& k, const at::
   return same && cpu::use_lowp(vt) ? vt : compute_type(vt);
 }
 
+// ---- Low-precision forward on brgemm (bf16/fp16 operands, fp32 accumulation) ---------------
+//
+// Computed key-major, one [bn, bm] tile of E^T at a time: E^T = k_j^T q_i takes q_i packed once
+// per task (VNNI) and a row-major k^T (transposed once per call: B*Nk*Cq elements, 1/8 of v at
+// DANet's Cq = C/8); the softmax statistics are then per column (query), vectorised across
+// queries, and P^T is written straight into the VNNI layout that O += V_j P^T reads (pairs of
+// key rows interleaved: contiguous stores). One fused pass per tile computes the column max,
+// one more exp + column sums + the rounded, packed P (instead of ~8 ATen passes).
+// Lazy rescaling: a query's running max moves only when a tile's max exceeds it by more than
+// kLazy (then P <= e^kLazy, harmless in fp32 sums and bf16/fp16 P), so the [Cv, bm] accumulator
+// is rescaled rarely instead of after every key block. The result is the same softmax.
+
+constexpr float kLazy = 8.f;
+constexpr float kExpLo = -87.f;          // exp(-87) = 1.65e-38: normal fp32
+constexpr float kFlush = 2.7e-38f;       // weights below e^-86.5 are set to 0 (as FTZ would)
+
+// exp(x) for x in [-87, 88.7] (clamped below; NaN stays NaN): Cephes' expf polynomial, ~1 ulp;
+// plain arithmetic so that the loops below vectorise.
+static inline __attribute__((always_inline)) float exp_fast(float x) {
+  x = x < kExpLo ? kExpLo : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693359375f) - n * (-2.12194440e-4f);
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// cm[i] = max over rows of S[r][i] (r < rows, row stride ld), NaN-propagating; scale applied
+// to S in place first when it is not 1.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void colmax(float* S, int64_t rows, int64_t cols, int64_t ld, float scale, float* cm) {
+  for (int64_t i = 0; i < cols; ++i) cm[i] = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = S + r * ld;
+    if (scale != 1.f) {
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) row[i] *= scale;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) {
+      const float y = row[i], c = cm[i];
+      cm[i] = (y > c || y != y) ? y : c;
+    }
+  }
+}
+
+// P^T = exp(S - mu) (flushed below kFlush, NaN -> 0 as the threshold does), column sums added
+// to l, and P^T rounded to T into the VNNI layout [ceil(rows/2)][cols][2].
+// row[i] *= f[i] (div: row[i] /= f[i]) for every row of a [rows, cols] block with stride ld.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void scale_cols(float* A, int64_t rows, int64_t cols, int64_t ld, const float* f, bool div) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = A + r * ld;
+    if (div) {
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) row[i] /= f[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) row[i] *= f[i];
+    }
+  }
+}
+
+// bf16 bits of a non-NaN float, rounded to nearest even (the weights here are never NaN).
+static inline __attribute__((always_inline)) uint32_t bf16_bits(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// One row pair of exp_pack_cols in bf16: plain arithmetic on restrict pointers, so it
+// vectorises (a pair of bf16 weights is one 32-bit word of the VNNI layout).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void exp_pack_pair_bf16(const float* __restrict r0, const float* __restrict r1,
+                        const float* __restrict mu, float* __restrict l,
+                        uint32_t* __restrict out, int64_t cols) {
+#pragma omp simd
+  for (int64_t i = 0; i < cols; ++i) {
+    float p0 = exp_fast(r0[i] - mu[i]), p1 = exp_fast(r1[i] - mu[i]);
+    p0 = p0 > kFlush ? p0 : 0.f;  // also NaN -> 0, as the threshold does
+    p1 = p1 > kFlush ? p1 : 0.f;
+    l[i] += p0 + p1;
+    out[i] = bf16_bits(p0) | (bf16_bits(p1) << 16);
+  }
+}
+
+// P^T = exp(S - mu) (flushed below kFlush, NaN -> 0 as the threshold does), column sums added
+// to l, and P^T rounded to T into the VNNI layout [ceil(rows/2)][cols][2] (an odd last row is
+// paired with 0).
+template <class T>
+void exp_pack_cols(const float* S, int64_t rows, int64_t cols, int64_t ld, const float* mu,
+                   float* l, T* dst, float* zero_row) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* r0 = S + r * ld;
+    const bool pair = r + 1 < rows;
+    // a missing partner row gives exp(-inf) = 0 (zero_row holds -inf)
+    const float* r1 = pair ? r0 + ld : zero_row;
+    T* out = dst + r * cols;  // pair r/2 starts at (r/2) * cols * 2
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      exp_pack_pair_bf16(r0, r1, mu, l, reinterpret_cast<uint32_t*>(out), cols);
+    } else {
+      for (int64_t i = 0; i < cols; ++i) {
+        float p0 = exp_fast(r0[i] - mu[i]), p1 = exp_fast(r1[i] - mu[i]);
+        p0 = p0 > kFlush ? p0 : 0.f;
+        p1 = p1 > kFlush ? p1 : 0.f;
+        l[i] += p0 + p1;
+        out[2 * i] = T(p0);
+        out[2 * i + 1] = T(p1);
+      }
+    }
+  }
+}
+
+template <class T>
+void brgemm_raw(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, true);
+}
+
+// Forward on brgemm. q, k, v in the operand dtype T (bf16 / fp16); o/y/lse allocated.
+template <class T>
+void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_,
+                      const at::Tensor& x, double gamma, double scale, bool residual, bool need_o,
+                      bool need_lse, int64_t BM, int64_t BN, at::Tensor& o, at::Tensor& lse,
+                      at::Tensor& y) {
+  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Nk = k.size(2), Cv = v_.size(1);
+  const auto fopt = q.options().dtype(at::kFloat);
+  // k^T [B, Nk, Cq] and v with unit stride along N (a copy only when v has not), with the
+  // standard strides brgemm's leading dimensions need.
+  const at::Tensor kT = at::empty({B, Nk, Cq}, k.options()).copy_(k.transpose(1, 2));
+  const bool v_rows = (v_.stride(2) == 1 || Nk == 1) && v_.stride(1) >= Nk &&
+                      (B == 1 || v_.stride(0) >= 1);
+  const at::Tensor v = v_rows ? v_ : at::empty(v_.sizes(), v_.options()).copy_(v_);
+  const int64_t ldv = std::max<int64_t>(v.stride(1), std::max<int64_t>(Nk, 1));
+  const int64_t nI = (N + BM - 1) / BM;
+  const float sc = static_cast<float>(scale);
+  cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
+    at::Tensor S = at::empty({BN, BM}, fopt);                    // E^T tile
+    at::Tensor Qv = at::empty({((Cq + 1) / 2) * BM * 2}, q.options());
+    at::Tensor Pv = at::empty({((BN + 1) / 2) * BM * 2}, q.options());
+    at::Tensor acc_buf = need_o ? at::Tensor() : at::empty({Cv, BM}, fopt);
+    std::vector<float> m(BM), l(BM), mu(BM), cm(BM), alpha(BM);
+    std::vector<float> ninf(BM, -std::numeric_limits<float>::infinity());  // odd tail's partner
+    float* Sp = S.mutable_data_ptr<float>();
+    T* Qvp = reinterpret_cast<T*>(Qv.mutable_data_ptr());
+    T* Pvp = reinterpret_cast<T*>(Pv.mutable_data_ptr());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nI, i0 = (t % nI) * BM, bm = std::min(BM, N - i0);
+      const at::Tensor Qi = q[b].narrow(1, i0, bm);              // [Cq, bm]
+      cpu::pack_vnni<T, T>(Qvp, reinterpret_cast<const T*>(Qi.const_data_ptr()), Cq, bm,
+                           Qi.stride(0), Qi.stride(1));
+      at::Tensor acc = need_o ? o[b].narrow(1, i0, bm) : acc_buf.narrow(1, 0, bm);  // [Cv, bm]
+      const int64_t ldc = acc.stride(0);
+      float* accp = acc.mutable_data_ptr<float>();
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      if (Nk == 0) acc.zero_();
+      const T* kTb = reinterpret_cast<const T*>(kT[b].const_data_ptr());
+      const T* vb = reinterpret_cast<const T*>(v[b].const_data_ptr());
+      const int64_t vs = Nk == 1 ? 1 : v.stride(2);
+      for (int64_t j0 = 0; j0 < Nk; j0 += BN) {
+        const int64_t bn = std::min(BN, Nk - j0);
+        brgemm_raw<T>(bn, bm, Cq, kTb + j0 * Cq, Cq, Qvp, bm, Sp, BM, false);  // E^T tile
+        colmax(Sp, bn, bm, BM, sc, cm.data());
+        bool rescale = false;
+        for (int64_t i = 0; i < bm; ++i) {
+          const float mo = m[i], c = cm[i];
+          float mn = mo;
+          if (c != c) mn = c;                                    // NaN row stays NaN
+          else if (c > mo + kLazy || (mo == -std::numeric_limits<float>::infinity() && c > mo)) mn = c;
+          // a row with only -inf so far subtracts 0 (never -inf - -inf)
+          mu[i] = mn == -std::numeric_limits<float>::infinity() ? 0.f : mn;
+          const float mo_use = mo == -std::numeric_limits<float>::infinity() ? 0.f : mo;
+          alpha[i] = 1.f;
+          if (mn != mo) {  // old partials are 0 while the max was -inf
+            alpha[i] = mo == -std::numeric_limits<float>::infinity() ? 0.f : exp_fast(mo_use - mu[i]);
+            rescale = true;
+          }
+          l[i] *= alpha[i];
+          m[i] = mn;
+        }
+        exp_pack_cols<T>(Sp, bn, bm, BM, mu.data(), l.data(), Pvp, ninf.data());
+        if (rescale && j0 > 0) scale_cols(accp, Cv, bm, ldc, alpha.data(), false);
+        brgemm_raw<T>(Cv, bm, bn, vb + j0 * vs, ldv, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
+      }
+      if (Nk > 0) scale_cols(accp, Cv, bm, ldc, l.data(), true);
+      if (need_lse) {
+        float* lp = lse[b].narrow(0, i0, bm).mutable_data_ptr<float>();
+        for (int64_t i = 0; i < bm; ++i) {
+          // m is a max over unscaled-by-lazy values: lse = m + log(l) with l summed against mu
+          const float base = m[i] == -std::numeric_limits<float>::infinity() ? 0.f : m[i];
+          lp[i] = base + std::log(l[i]);
+        }
+      }
+      if (residual) {
+        at::Tensor yb = y[b].narrow(1, i0, bm);
+        at::add_out(yb, x[b].narrow(1, i0, bm), acc, gamma);
+      }
+    }
+  });
+}
+
+// ---- Low-precision backward on brgemm -----------------------------------------------------
+// Key-major like the forward: per (key block j, query block i) the tiles are [bn, bm].
+//   P^T  = exp(scale * k_j^T q_i - lse_i)            (A: k^T rows, B: q VNNI)
+//   dv_j^T += P^T dy_i^T                               (A: P^T bf16 rows, B: dy_i^T VNNI)
+//   dE^T = v_j^T dy_i,  dS^T = P^T o (g dE^T - Delta_i) (A: v_j^T rows, B: dy VNNI)
+//   dk_j^T += dS^T q_i^T                               (A: dS^T bf16 rows, B: q_i^T VNNI)
+//   dq_i  += k_j dS^T                                  (A: k rows in place, B: dS^T VNNI)
+// Packed once per call: k^T, q and dy in VNNI (pairs of channels), q^T and dy^T per query block
+// in VNNI (pairs of positions): bf16 copies of the inputs, O(N * C), never O(N^2). dv and dk are
+// accumulated transposed in fp32 and transposed once at the end; g and scale are applied there.
+
+// P^T row: p = exp(scale * s - lse) in place (fp32, kept for dS) and rounded into pl.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void bwd_p_row(float* __restrict s, const float* __restrict lse, float scale,
+               uint16_t* __restrict pl, int64_t cols) {
+#pragma omp simd
+  for (int64_t i = 0; i < cols; ++i) {
+    const float p = exp_fast(s[i] * scale - lse[i]);
+    s[i] = p;
+    pl[i] = static_cast<uint16_t>(bf16_bits(p));
+  }
+}
+
+// dS^T rows r0, r1 (r1 may be a row of zeros): ds = p * (g * de - delta), rounded into the row-
+// major dsl rows and the VNNI pair word dsv.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void bwd_ds_pair(const float* __restrict p0, const float* __restrict p1,
+                 const float* __restrict de0, const float* __restrict de1,
+                 const float* __restrict delta, float g, uint16_t* __restrict l0,
+                 uint16_t* __restrict l1, uint32_t* __restrict dsv, int64_t cols) {
+#pragma omp simd
+  for (int64_t i = 0; i < cols; ++i) {
+    const float d0 = p0[i] * (g * de0[i] - delta[i]);
+    const float d1 = p1[i] * (g * de1[i] - delta[i]);
+    const uint32_t b0 = bf16_bits(d0), b1 = bf16_bits(d1);
+    l0[i] = static_cast<uint16_t>(b0);
+    l1[i] = static_cast<uint16_t>(b1);
+    dsv[i] = b0 | (b1 << 16);
+  }
+}
+
+// rows of a [B, C, N] tensor with unit stride along N and standard leading strides (a copy
+// otherwise), as brgemm's A operand.
+at::Tensor as_rows(const at::Tensor& t) {
+  const int64_t C = t.size(1), N = t.size(2);
+  const bool ok = (t.stride(2) == 1 || N == 1) && (C == 1 || t.stride(1) >= N) && t.stride(1) >= 1;
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
+}
+
+// bf16 only (fp16 brgemm backward falls back to the generic tile path).
+void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at::Tensor& v,
+                            const at::Tensor& dy, const at::Tensor& lse, const at::Tensor& delta,
+                            double g, double scale, int64_t BM, int64_t BN, int64_t G,
+                            at::Tensor& dq_part, at::Tensor& dkT, at::Tensor& dvT) {
+  using T = at::BFloat16;
+  const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Nk = k_.size(2), Cv = v.size(1);
+  const int64_t nI = (N + BM - 1) / BM, nJ = (Nk + BN - 1) / BN;
+  const int64_t Cq2 = (Cq + 1) / 2, Cv2 = (Cv + 1) / 2, BM2 = (BM + 1) / 2;
+  const auto lopt = q.options();
+  const at::Tensor k = as_rows(k_);
+  const at::Tensor kT = at::empty({B, Nk, Cq}, lopt).copy_(k_.transpose(1, 2));
+  at::Tensor qv = at::empty({B, Cq2 * N * 2}, lopt), dyv = at::empty({B, Cv2 * N * 2}, lopt);
+  at::Tensor qTv = at::empty({B, nI, BM2 * Cq * 2}, lopt), dyTv = at::empty({B, nI, BM2 * Cv * 2}, lopt);
+  auto P = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nI, ib = t % nI, i0 = ib * BM, bm = std::min(BM, N - i0);
+      const at::Tensor Qi = q[b].narrow(1, i0, bm), Di = dy[b].narrow(1, i0, bm);
+      // VNNI over channel pairs, columns i0.. of a [C/2][N][2] layout: ld N, written per block
+      T* qd = P(qv[b]) + i0 * 2;
+      T* dd = P(dyv[b]) + i0 * 2;
+      const T* qs = reinterpret_cast<const T*>(Qi.const_data_ptr());
+      const T* ds = reinterpret_cast<const T*>(Di.const_data_ptr());
+      for (int64_t c = 0; c < Cq; c += 2)
+        for (int64_t i = 0; i < bm; ++i) {
+          qd[(c / 2) * N * 2 + 2 * i] = qs[c * Qi.stride(0) + i * Qi.stride(1)];
+          qd[(c / 2) * N * 2 + 2 * i + 1] = c + 1 < Cq ? qs[(c + 1) * Qi.stride(0) + i * Qi.stride(1)] : T(0.f);
+        }
+      for (int64_t c = 0; c < Cv; c += 2)
+        for (int64_t i = 0; i < bm; ++i) {
+          dd[(c / 2) * N * 2 + 2 * i] = ds[c * Di.stride(0) + i * Di.stride(1)];
+          dd[(c / 2) * N * 2 + 2 * i + 1] = c + 1 < Cv ? ds[(c + 1) * Di.stride(0) + i * Di.stride(1)] : T(0.f);
+        }
+      // VNNI over position pairs: q_i^T [bm, Cq], dy_i^T [bm, Cv]
+      cpu::pack_vnni<T, T>(P(qTv[b][ib]), qs, bm, Cq, Qi.stride(1), Qi.stride(0));
+      cpu::pack_vnni<T, T>(P(dyTv[b][ib]), ds, bm, Cv, Di.stride(1), Di.stride(0));
+    }
+  });
+  const float sc = static_cast<float>(scale), gf = static_cast<float>(g);
+  cpu::parallel_tasks(B * G, [&](int64_t begin, int64_t end) {
+    at::Tensor S = at::empty({BN, BM}, lopt.dtype(at::kFloat));   // P^T (fp32)
+    at::Tensor dE = at::empty({BN, BM}, lopt.dtype(at::kFloat));  // dE^T
+    at::Tensor Pl = at::empty({BN, BM}, lopt), dSl = at::empty({BN, BM}, lopt);
+    at::Tensor dSv = at::empty({((BN + 1) / 2) * BM * 2}, lopt);
+    at::Tensor VjT = at::empty({BN, Cv}, lopt);
+    std::vector<float> zeros(BM, 0.f);
+    float* Sp = S.mutable_data_ptr<float>();
+    float* dEp = dE.mutable_data_ptr<float>();
+    auto* Plp = reinterpret_cast<uint16_t*>(Pl.mutable_data_ptr());
+    auto* dSlp = reinterpret_cast<uint16_t*>(dSl.mutable_data_ptr());
+    auto* dSvp = reinterpret_cast<uint32_t*>(dSv.mutable_data_ptr());
+    std::vector<uint16_t> scratch(BM);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / G, grp = t % G;
+      const int64_t jb_begin = grp * nJ / G, jb_end = (grp + 1) * nJ / G;
+      float* dqp = dq_part[b][grp].mutable_data_ptr<float>();      // [Cq, N]
+      const float* lseb = lse[b].const_data_ptr<float>();
+      const float* deltab = delta[b].const_data_ptr<float>();
+      for (int64_t jb = jb_begin; jb < jb_end; ++jb) {
+        const int64_t j0 = jb * BN, bn = std::min(BN, Nk - j0);
+        VjT.narrow(0, 0, bn).copy_(v[b].narrow(1, j0, bn).t());
+        const T* kTj = P(kT[b]) + j0 * Cq;
+        const T* Kj = reinterpret_cast<const T*>(k[b].const_data_ptr()) + j0 * (Nk == 1 ? 1 : k.stride(2));
+        const int64_t ldk = std::max<int64_t>(k.stride(1), Nk);
+        float* dvTj = dvT[b].narrow(0, j0, bn).mutable_data_ptr<float>();
+        float* dkTj = dkT[b].narrow(0, j0, bn).mutable_data_ptr<float>();
+        for (int64_t ib = 0; ib < nI; ++ib) {
+          const int64_t i0 = ib * BM, bm = std::min(BM, N - i0);
+          brgemm_raw<T>(bn, bm, Cq, kTj, Cq, P(qv[b]) + i0 * 2, N, Sp, BM, false);   // E^T
+          for (int64_t r = 0; r < bn; ++r)
+            bwd_p_row(Sp + r * BM, lseb + i0, sc, Plp + r * bm, bm);            // Pl: [bn, bm]
+          brgemm_raw<T>(bn, Cv, bm, reinterpret_cast<const T*>(Plp), bm, P(dyTv[b][ib]), Cv,
+                        dvTj, Cv, true);                                       // dv^T += P^T dy^T
+          brgemm_raw<T>(bn, bm, Cv, P(VjT), Cv, P(dyv[b]) + i0 * 2, N, dEp, BM, false);  // dE^T
+          for (int64_t r = 0; r < bn; r += 2) {
+            const bool pair = r + 1 < bn;
+            bwd_ds_pair(Sp + r * BM, pair ? Sp + (r + 1) * BM : zeros.data(), dEp + r * BM,
+                        pair ? dEp + (r + 1) * BM : zeros.data(), deltab + i0, gf,
+                        dSlp + r * bm, pair ? dSlp + (r + 1) * bm : scratch.data(),
+                        dSvp + (r / 2) * bm, bm);
+          }
+          brgemm_raw<T>(bn, Cq, bm, reinterpret_cast<const T*>(dSlp), bm, P(qTv[b][ib]), Cq,
+                        dkTj, Cq, true);                                       // dk^T += dS^T q^T
+          brgemm_raw<T>(Cq, bm, bn, Kj, ldk, reinterpret_cast<const T*>(dSvp), bm, dqp + i0, N,
+                        true);                                                 // dq += k dS^T
+        }
+      }
+    }
+  });
+}
+
 // The forward shared by pam_forward (everything autograd needs) and pam_forward_inference
 // (need_o / need_lse false: only y, or O when there is no residual).
 void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
@@ -116,7 +464,16 @@ void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tens
     y = at::empty({B, Cv, N}, v.options().dtype(out_dtype));
   }
 
-  const int64_t BM = kBlockM, BN = kBlockN, nI = (N + BM - 1) / BM;
+  const int64_t BM = block_m(), BN = block_n(), nI = (N + BM - 1) / BM;
+  if (ot != ct && cpu::brgemm_available(ot)) {
+    if (ot == at::kBFloat16)
+      pam_forward_lowp<at::BFloat16>(q, k, v, x, gamma, scale, residual, need_o, need_lse, BM, BN,
+                                     o, lse, y);
+    else
+      pam_forward_lowp<at::Half>(q, k, v, x, gamma, scale, residual, need_o, need_lse, BM, BN, o,
+                                 lse, y);
+    return;
+  }
   cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     at::Tensor S = at::empty({BM, BN}, fopt);                  // one tile of E, then of P
     at::Tensor Pl = ot == ct ? S : at::empty({BM, BN}, q.options());  // P in the operand dtype
@@ -216,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
   const at::Tensor lse_c = as_type(lse, ct);
   const int64_t B = q.size(0), Cq = q.size(1), N = q.size(2), Nk = k.size(2), Cv = v.size(1);
   const double g = gamma_.has_value() ? gamma_->item<double>() : 1.0;
-  const int64_t BM = kBlockM, BN = kBlockN, nI = (N + BM - 1) / BM, nJ = (Nk + BN - 1) / BN;
+  const int64_t BM = block_m(), BN = block_n(), nI = (N + BM - 1) / BM, nJ = (Nk + BN - 1) / BN;
   const auto fopt = q.options().dtype(ct);
 
   // Preprocess, block by block in the compute dtype: rowdot[b, i] = sum_c dy[c,i] O[c,i]
@@ -243,6 +600,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
   const int64_t G = B >= T || nJ == 0 ? 1 : std::min(nJ, (T + B - 1) / B);  // key-block groups per batch
   at::Tensor dq = at::zeros({B, Cq, N}, fopt);
   at::Tensor dq_part = G == 1 ? dq.unsqueeze(1) : at::zeros({B, G, Cq, N}, fopt);
+  if (ot == at::kBFloat16 && ct == at::kFloat && cpu::brgemm_available<at::BFloat16>()) {
+    at::Tensor dkT = at::zeros({B, Nk, Cq}, fopt), dvT = at::zeros({B, Nk, Cv}, fopt);
+    pam_backward_lowp_bf16(q, k, v, dy, lse_c.contiguous(), delta.contiguous(), g, scale, BM, BN,
+                           G, dq_part, dkT, dvT);
+    if (G > 1) at::sum_out(dq, dq_part, {1});
+    at::Tensor dgamma = gamma_.has_value() ? rowdot.sum().reshape({1}) : at::empty({0}, fopt);
+    if (scale != 1.0) dq.mul_(scale);
+    at::Tensor dk = dkT.transpose(1, 2).mul(scale).to(k_.scalar_type());
+    at::Tensor dv = dvT.transpose(1, 2).mul(g).to(v_.scalar_type());
+    return {dq.to(q_.scalar_type()), dk.contiguous(), dv.contiguous(), dgamma};
+  }
   at::Tensor dk = at::zeros({B, Cq, Nk}, fopt);
   at::Tensor dv = at::zeros({B, Cv, Nk}, fopt);
 
