@@ -78,8 +78,8 @@ def load():
                 how = _jit_build()
             else:
                 raise RuntimeError("danet_ops._C was not built and DANET_OPS_JIT=0 forbids the JIT build")
-            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward",
-                               o_fp32_on_cpu=True)
+            # O in fp32 for bf16/fp16 inputs on CPU and CUDA alike (both kernels' backward Delta)
+            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward", o_fp32=True)
             _meta.register_cam("danet_ops::cam_forward", "danet_ops::cam_backward")
             if _has_inference_ops():
                 _meta.register_inference("danet_ops::pam_forward_inference",
@@ -140,7 +140,7 @@ def pam_forward(q, k, v, x, gamma, scale=1.0):
         out = torch.ops.danet_ops.pam_forward_inference(q, k, v, x, gamma, float(scale))
         return out, None, out
     o, lse, y = torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
-    # The CPU kernel returns O in fp32 for bf16/fp16 inputs (its backward computes
+    # The CPU and CUDA kernels return O in fp32 for bf16/fp16 inputs (their backward computes
     # Delta = sum dO*O from it); the caller gets v's dtype, like every backend.
     return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
 

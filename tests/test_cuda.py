@@ -103,7 +103,7 @@ if GPU_ON_CPU:
               f"pam_forward: q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; got {q.shape}, {k.shape}, {v.shape}")
         _need(x is None or x.shape == (B, v.shape[1], N), "pam_forward: x must be [B, Cv, Nq]")
         if B == 0 or N == 0 or Nk == 0:
-            return _meta.pam_forward_fake(q, k, v, x, gamma, scale)
+            return _meta.pam_forward_fake(q, k, v, x, gamma, scale, o_fp32=True)
         _emu_lib()
         o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
                                   scale=scale)
@@ -145,13 +145,17 @@ if GPU_ON_CPU:
         _emu_lib()
         return E.cam_backward(dy, x, attn, o, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
 
-    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward")
+    # O in fp32 for fp16/bf16 inputs, as the binding returns it (pam_binding.cpp)
+    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward", o_fp32=True)
     _meta.register_cam("danet_ops_emu::cam_forward", "danet_ops_emu::cam_backward")
     ops = torch.ops.danet_ops_emu
 
+    def _emu_backend_pam_forward(q, k, v, x, gamma, scale=1.0):  # as _compiled.pam_forward
+        o, lse, y = ops.pam_forward(q, k, v, x, gamma, float(scale))
+        return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
+
     class _EmuBackend:  # what danet_ops.functional calls for backend "cuda"
-        pam_forward = staticmethod(lambda q, k, v, x, gamma, scale=1.0:
-                                   ops.pam_forward(q, k, v, x, gamma, float(scale)))
+        pam_forward = staticmethod(_emu_backend_pam_forward)
         cam_forward = staticmethod(lambda x, gamma, mode: ops.cam_forward(x, gamma, mode))
 else:
     ops = torch.ops.danet_ops
@@ -389,6 +393,10 @@ def test_opcheck(dev):
     q, k, v, x, g = [t if t.dim() == 1 else t.flatten(2) for t in pam_inputs(1, 8, 16, 5, 7, device=dev)]
     torch.library.opcheck(ops.pam_forward.default, (q, k, v, x, g))
     torch.library.opcheck(ops.pam_forward.default, (q, k, v, None, None))
+    # bf16: O comes back in fp32 (kept for the backward's Delta); the fake kernel must say so
+    qb, kb, vb, xb = (t.bfloat16() for t in (q, k, v, x))
+    torch.library.opcheck(ops.pam_forward.default, (qb, kb, vb, xb, g))
+    assert ops.pam_forward(qb, kb, vb, None, None)[0].dtype == torch.float32
     xc, gc = cam_inputs(1, 12, 5, 7)
     xc = xc.to(dev).flatten(2)
     for mode in ("original", "paper"):
