@@ -18,8 +18,8 @@ def pam_forward_fake(q, k, v, x, gamma, scale=1.0, o_fp32_on_cpu=False, o_fp32=F
     # q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]: outputs have the queries' Nq.
     B, _, N = q.shape
     Cv = v.shape[1]
-    # The compiled CPU kernel (o_fp32_on_cpu) and the Triton kernels on every device (o_fp32)
-    # keep O in fp32 for bf16/fp16 inputs (their backward's Delta).
+    # Kernels that keep O in fp32 for bf16/fp16 inputs (their backward's Delta) say so: on
+    # every device (o_fp32: Triton, the compiled CPU/CUDA ops) or on CPU only (o_fp32_on_cpu).
     o32 = o_fp32 or (o_fp32_on_cpu and v.device.type == "cpu")
     o = v.new_empty((B, Cv, N), dtype=stats_dtype(v.dtype) if o32 else v.dtype)
     lse = q.new_empty((B, N), dtype=stats_dtype(v.dtype))
