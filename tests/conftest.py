@@ -302,8 +302,9 @@ def device_for(backend_id, op="pam", dtype=torch.float32):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `interpreter` run only in a process whose Triton interprets (see BACKENDS).
-    Elsewhere a plain run (no -m) deselects them: they are the other invocation's (scripts/test.sh
-    runs both); a run that selects by marker (-m interpreter, -m gpu) skips them, saying why."""
+    Elsewhere a plain run (no -m, no TRITON_INTERPRET=1) deselects them: they are the other
+    invocation's (scripts/test.sh runs both); a run that selects by marker (-m interpreter,
+    -m gpu) or asked for the interpreter skips them, saying why (no triton, or imported too early)."""
     marked = [item for item in items if item.get_closest_marker("interpreter")]
     if not marked:
         return
@@ -311,7 +312,7 @@ def pytest_collection_modifyitems(config, items):
     ok, why = _triton.available()
     if ok and _triton.interpreting():
         return
-    if ok and not config.option.markexpr:
+    if not config.option.markexpr and os.environ.get("TRITON_INTERPRET") != "1":
         config.hook.pytest_deselected(items=marked)
         items[:] = [item for item in items if not item.get_closest_marker("interpreter")]
         return
