@@ -36,6 +36,11 @@ def _small(shape):
     return shape[0] * shape[3] * shape[4] <= 128 and shape[2] <= 64
 
 
+def _interp_small(backend, shape, dtype=None):
+    """backend_grid's keep: the interpreter only on _small shapes."""
+    return backend != "triton-interp" or _small(shape)
+
+
 def _keep(backend, shape, dtype=None):
     if backend == "triton-interp":
         return _small(shape)
@@ -65,7 +70,7 @@ HALF_SHAPES = [(2, 8, 16, 17, 9), (2, 5, 24, 7, 5), (1, 3, 12, 4, 4), (1, 1, 1, 
 
 
 @pytest.mark.parametrize("backend,shape,dtype", backend_grid(
-    HALF_SHAPES, [torch.float16, torch.bfloat16], keep=lambda b, s, dt: b != "triton-interp" or _small(s)))
+    HALF_SHAPES, [torch.float16, torch.bfloat16], keep=_interp_small))
 def test_half_inputs_match_oracle(backend, shape, dtype):
     # CPU: computed in fp32 (or lowp tiles); GPU: tensor-core tiles. The output's dtype is the
     # reference's (promote(v, x, gamma) with an fp32 gamma: fp32), checked by compare_to_oracle.
@@ -139,7 +144,7 @@ def test_transposed_spatial_view(backend, shape, dtype):
 
 @pytest.mark.parametrize("backend,shape,dtype", backend_grid(
     [(2, 4, 8, 9, 7), (2, 4, 20, 6, 5)], [torch.float64, torch.float32],
-    keep=lambda b, s, dt: b != "triton-interp" or _small(s)))
+    keep=_interp_small))
 def test_without_residual_returns_o(backend, shape, dtype):
     _run(backend, shape, dtype, residual=False)
 
@@ -154,7 +159,7 @@ def test_3d_inputs(backend, shape, dtype):
 
 @pytest.mark.parametrize("backend,shape,dtype", backend_grid(
     [(1, 8, 16, 9, 9), (1, 4, 20, 5, 5)], [torch.bfloat16, torch.float16],
-    keep=lambda b, s, dt: b != "triton-interp" or _small(s)))
+    keep=_interp_small))
 def test_mixed_dtypes_under_autocast_style_inputs(backend, shape, dtype):
     # autocast gives fp16/bf16 q, k, v from the convolutions and an fp32 x / gamma: y is fp32.
     name, dev = device_for(backend, "pam", dtype)
@@ -182,7 +187,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("backend,shape,dtype", backend_grid(
     [(1, 4, 8, 10, 10), (1, 4, 20, 6, 5)], [torch.float64, torch.float32],
-    keep=lambda b, s, dt: b != "triton-interp" or _small(s)))
+    keep=_interp_small))
 def test_gamma_zero_output_and_gradients_exact(backend, shape, dtype):
     # gamma = 0: y = x exactly, dx = dy exactly, dq = dk = dv = 0 (dO = gamma * dy), yet dgamma =
     # sum(dy * O) is not zero and must match the oracle.
