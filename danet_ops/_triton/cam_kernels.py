@@ -79,6 +79,15 @@ def _gram_rows(P, b, i64, j64, mask, S, s_ps, s_pb, s_pi, R: tl.constexpr, J: tl
 
 
 @triton.jit
+def _row_block(C, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Rows of a [C, C] matrix owned by a program of grid (cdiv(C, BLOCK_R), B), and the column
+    offsets of one BLOCK_J step: (b, offs_i, offs_j, i_mask, i64) (b, i64: int64)."""
+    offs_i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return (tl.program_id(1).to(tl.int64), offs_i, tl.arange(0, BLOCK_J), offs_i < C,
+            offs_i.to(tl.int64))
+
+
+@triton.jit
 def cam_softmax_kernel(P, A, C, S, s_ps, s_pb, s_pi, s_ab, s_ai,
                        NEG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     """Reduce the Gram partials, mirror the upper triangle, and softmax each row:
@@ -92,12 +101,7 @@ def cam_softmax_kernel(P, A, C, S, s_ps, s_pb, s_pi, s_ab, s_ai,
     program owns whole rows. First pass: sum the S partials once, keep the logits z (log2
     units) in A's rows as scratch, online max/sum; second pass: A = exp2(z - m) / l in place.
     """
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_i = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_j = tl.arange(0, BLOCK_J)
-    i_mask = offs_i < C
-    i64 = offs_i.to(tl.int64)
+    b, offs_i, offs_j, i_mask, i64 = _row_block(C, BLOCK_R, BLOCK_J)
     sign = 1.0
     if NEG:
         sign = -1.0
@@ -188,12 +192,7 @@ def cam_bwd_ds_kernel(P, A, GAMMA, G, C, S, s_ps, s_pb, s_pi, s_ab, s_ai, s_gb, 
     First pass: sum the S partials once into dA, kept in G's rows as scratch, and r; second
     pass: G = +-A (dA - r) in place.
     """
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_i = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_j = tl.arange(0, BLOCK_J)
-    i_mask = offs_i < C
-    i64 = offs_i.to(tl.int64)
+    b, offs_i, offs_j, i_mask, i64 = _row_block(C, BLOCK_R, BLOCK_J)
     g = 1.0
     if HAS_GAMMA:
         g = tl.load(GAMMA).to(tl.float32)
