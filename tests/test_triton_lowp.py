@@ -16,9 +16,9 @@ import torch
 from danet_ops import _triton, position_attention
 from conftest import max_err, run_with_grads, to64
 
-pytestmark = [pytest.mark.interpreter,
-              pytest.mark.skipif(not _triton.interpreting(),
-                                 reason="needs the Triton interpreter: TRITON_INTERPRET=1")]
+_OK, _WHY = _triton.available() if _triton.interpreting() else (
+    False, "needs the Triton interpreter: TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(not _OK, reason=_WHY)]
 ops = torch.ops.danet_ops
 
 
