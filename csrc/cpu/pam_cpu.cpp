@@ -15,7 +15,9 @@
 //  * bf16 / fp16 on a CPU with matrix units for them (or DANET_OPS_CPU_LOWP=1): the tile
 //    products take bf16/fp16 operands with fp32 accumulation (E in fp32, softmax statistics in
 //    fp32, P rounded to the input dtype for P.V and for the backward products), like flash
-//    attention on GPU.
+//    attention on GPU. Where oneDNN's brgemm takes the dtype (bf16 on AVX512/AMX) the forward
+//    (and for bf16 the backward) run the fused key-major kernels below (pam_forward_lowp,
+//    pam_backward_lowp_bf16); otherwise the generic tile loop with cpu::gemm_lowp.
 //  * bf16 / fp16 elsewhere (or DANET_OPS_CPU_LOWP=0): converted once to fp32, fp32 tiles.
 // For bf16/fp16 inputs O is returned in fp32 (the backward computes Delta = sum_c dO*O from it:
 // an O rounded to bf16 is amplified there by sharp softmaxes); the Python wrapper casts it.
@@ -90,13 +92,19 @@ at::ScalarType operand_type(const at::Tensor& q, const at::Tensor& k, const at::
 //
 // Computed key-major, one [bn, bm] tile of E^T at a time: E^T = k_j^T q_i takes q_i packed once
 // per task (VNNI) and a row-major k^T (transposed once per call: B*Nk*Cq elements, 1/8 of v at
-// DANet's Cq = C/8); the softmax statistics are then per column (query), vectorised across
+// DANet's Cq = C/8; v is re-tiled once per call, see below: O(N*C) bf16 copies, never N x N); the softmax statistics are then per column (query), vectorised across
 // queries, and P^T is written straight into the VNNI layout that O += V_j P^T reads (pairs of
 // key rows interleaved: contiguous stores). One fused pass per tile computes the column max,
 // one more exp + column sums + the rounded, packed P (instead of ~8 ATen passes).
 // Lazy rescaling: a query's running max moves only when a tile's max exceeds it by more than
 // kLazy (then P <= e^kLazy, harmless in fp32 sums and bf16/fp16 P), so the [Cv, bm] accumulator
 // is rescaled rarely instead of after every key block. The result is the same softmax.
+
+// The element loops below: compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load time),
+// and without trapping math (no FP exceptions are used; the results are unchanged), which GCC
+// needs to if-convert the clamps and conversions in them and so vectorise them.
+#define DANET_OPS_VEC_LOOP \
+  __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math")))
 
 constexpr float kLazy = 8.f;
 constexpr float kExpLo = -87.f;          // exp(-87) = 1.65e-38: normal fp32
@@ -122,7 +130,7 @@ static inline __attribute__((always_inline)) float exp_fast(float x) {
 
 // cm[i] = max over rows of S[r][i] (r < rows, row stride ld), NaN-propagating; scale applied
 // to S in place first when it is not 1.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DANET_OPS_VEC_LOOP
 void colmax(float* S, int64_t rows, int64_t cols, int64_t ld, float scale, float* cm) {
   for (int64_t i = 0; i < cols; ++i) cm[i] = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
@@ -142,7 +150,7 @@ void colmax(float* S, int64_t rows, int64_t cols, int64_t ld, float scale, float
 // P^T = exp(S - mu) (flushed below kFlush, NaN -> 0 as the threshold does), column sums added
 // to l, and P^T rounded to T into the VNNI layout [ceil(rows/2)][cols][2].
 // row[i] *= f[i] (div: row[i] /= f[i]) for every row of a [rows, cols] block with stride ld.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DANET_OPS_VEC_LOOP
 void scale_cols(float* A, int64_t rows, int64_t cols, int64_t ld, const float* f, bool div) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = A + r * ld;
@@ -164,7 +172,7 @@ static inline __attribute__((always_inline)) uint32_t bf16_bits(float f) {
 
 // One row pair of exp_pack_cols in bf16: plain arithmetic on restrict pointers, so it
 // vectorises (a pair of bf16 weights is one 32-bit word of the VNNI layout).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DANET_OPS_VEC_LOOP
 void exp_pack_pair_bf16(const float* __restrict r0, const float* __restrict r1,
                         const float* __restrict mu, float* __restrict l,
                         uint32_t* __restrict out, int64_t cols) {
@@ -222,17 +230,25 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // k^T [B, Nk, Cq] and v with unit stride along N (a copy only when v has not), with the
   // standard strides brgemm's leading dimensions need.
   const at::Tensor kT = at::empty({B, Nk, Cq}, k.options()).copy_(k.transpose(1, 2));
-  const bool v_rows = (v_.stride(2) == 1 || Nk == 1) && v_.stride(1) >= Nk &&
-                      (B == 1 || v_.stride(0) >= 1);
-  const at::Tensor v = v_rows ? v_ : at::empty(v_.sizes(), v_.options()).copy_(v_);
-  const int64_t ldv = std::max<int64_t>(v.stride(1), std::max<int64_t>(Nk, 1));
+  // v re-tiled once per call into contiguous [Cv, BN] key blocks: read in place, the rows of a
+  // V_j tile lie N elements apart, which for power-of-two N (64x64, 128x128) maps all of them
+  // onto the same cache sets and halves the product's rate.
+  const int64_t nJ = (Nk + BN - 1) / BN;
+  at::Tensor vt = at::empty({B, nJ, Cv, BN}, v_.options());
+  cpu::parallel_tasks(B * nJ, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nJ, j0 = (t % nJ) * BN, bn = std::min(BN, Nk - j0);
+      vt[b][t % nJ].narrow(1, 0, bn).copy_(v_[b].narrow(1, j0, bn));
+    }
+  });
   const int64_t nI = (N + BM - 1) / BM;
+  const int64_t lda = BM + 16;  // the accumulator's row stride: not a multiple of 4 KiB
   const float sc = static_cast<float>(scale);
   cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     at::Tensor S = at::empty({BN, BM}, fopt);                    // E^T tile
     at::Tensor Qv = at::empty({((Cq + 1) / 2) * BM * 2}, q.options());
     at::Tensor Pv = at::empty({((BN + 1) / 2) * BM * 2}, q.options());
-    at::Tensor acc_buf = need_o ? at::Tensor() : at::empty({Cv, BM}, fopt);
+    at::Tensor acc_buf = at::empty({Cv, lda}, fopt);             // O block, fp32
     std::vector<float> m(BM), l(BM), mu(BM), cm(BM), alpha(BM);
     std::vector<float> ninf(BM, -std::numeric_limits<float>::infinity());  // odd tail's partner
     float* Sp = S.mutable_data_ptr<float>();
@@ -243,15 +259,13 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const at::Tensor Qi = q[b].narrow(1, i0, bm);              // [Cq, bm]
       cpu::pack_vnni<T, T>(Qvp, reinterpret_cast<const T*>(Qi.const_data_ptr()), Cq, bm,
                            Qi.stride(0), Qi.stride(1));
-      at::Tensor acc = need_o ? o[b].narrow(1, i0, bm) : acc_buf.narrow(1, 0, bm);  // [Cv, bm]
-      const int64_t ldc = acc.stride(0);
+      at::Tensor acc = acc_buf.narrow(1, 0, bm);                // [Cv, bm]
+      const int64_t ldc = lda;
       float* accp = acc.mutable_data_ptr<float>();
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       if (Nk == 0) acc.zero_();
       const T* kTb = reinterpret_cast<const T*>(kT[b].const_data_ptr());
-      const T* vb = reinterpret_cast<const T*>(v[b].const_data_ptr());
-      const int64_t vs = Nk == 1 ? 1 : v.stride(2);
       for (int64_t j0 = 0; j0 < Nk; j0 += BN) {
         const int64_t bn = std::min(BN, Nk - j0);
         brgemm_raw<T>(bn, bm, Cq, kTb + j0 * Cq, Cq, Qvp, bm, Sp, BM, false);  // E^T tile
@@ -275,7 +289,8 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
         exp_pack_cols<T>(Sp, bn, bm, BM, mu.data(), l.data(), Pvp, ninf.data());
         if (rescale && j0 > 0) scale_cols(accp, Cv, bm, ldc, alpha.data(), false);
-        brgemm_raw<T>(Cv, bm, bn, vb + j0 * vs, ldv, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
+        const T* Vj = reinterpret_cast<const T*>(vt[b][j0 / BN].const_data_ptr());
+        brgemm_raw<T>(Cv, bm, bn, Vj, BN, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
       }
       if (Nk > 0) scale_cols(accp, Cv, bm, ldc, l.data(), true);
       if (need_lse) {
@@ -286,6 +301,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           lp[i] = base + std::log(l[i]);
         }
       }
+      if (need_o) o[b].narrow(1, i0, bm).copy_(acc);
       if (residual) {
         at::Tensor yb = y[b].narrow(1, i0, bm);
         at::add_out(yb, x[b].narrow(1, i0, bm), acc, gamma);
@@ -306,7 +322,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // accumulated transposed in fp32 and transposed once at the end; g and scale are applied there.
 
 // P^T row: p = exp(scale * s - lse) in place (fp32, kept for dS) and rounded into pl.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DANET_OPS_VEC_LOOP
 void bwd_p_row(float* __restrict s, const float* __restrict lse, float scale,
                uint16_t* __restrict pl, int64_t cols) {
 #pragma omp simd
@@ -319,7 +335,7 @@ void bwd_p_row(float* __restrict s, const float* __restrict lse, float scale,
 
 // dS^T rows r0, r1 (r1 may be a row of zeros): ds = p * (g * de - delta), rounded into the row-
 // major dsl rows and the VNNI pair word dsv.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DANET_OPS_VEC_LOOP
 void bwd_ds_pair(const float* __restrict p0, const float* __restrict p1,
                  const float* __restrict de0, const float* __restrict de1,
                  const float* __restrict delta, float g, uint16_t* __restrict l0,
@@ -335,14 +351,6 @@ void bwd_ds_pair(const float* __restrict p0, const float* __restrict p1,
   }
 }
 
-// rows of a [B, C, N] tensor with unit stride along N and standard leading strides (a copy
-// otherwise), as brgemm's A operand.
-at::Tensor as_rows(const at::Tensor& t) {
-  const int64_t C = t.size(1), N = t.size(2);
-  const bool ok = (t.stride(2) == 1 || N == 1) && (C == 1 || t.stride(1) >= N) && t.stride(1) >= 1;
-  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
-}
-
 // bf16 only (fp16 brgemm backward falls back to the generic tile path).
 void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at::Tensor& v,
                             const at::Tensor& dy, const at::Tensor& lse, const at::Tensor& delta,
@@ -353,31 +361,20 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
   const int64_t nI = (N + BM - 1) / BM, nJ = (Nk + BN - 1) / BN;
   const int64_t Cq2 = (Cq + 1) / 2, Cv2 = (Cv + 1) / 2, BM2 = (BM + 1) / 2;
   const auto lopt = q.options();
-  const at::Tensor k = as_rows(k_);
   const at::Tensor kT = at::empty({B, Nk, Cq}, lopt).copy_(k_.transpose(1, 2));
-  at::Tensor qv = at::empty({B, Cq2 * N * 2}, lopt), dyv = at::empty({B, Cv2 * N * 2}, lopt);
+  // Per query block (contiguous, so no power-of-two row strides): q_i and dy_i in VNNI over
+  // channel pairs ([C/2][bm][2], ld bm), q_i^T and dy_i^T in VNNI over position pairs.
+  at::Tensor qv = at::empty({B, nI, Cq2 * BM * 2}, lopt), dyv = at::empty({B, nI, Cv2 * BM * 2}, lopt);
   at::Tensor qTv = at::empty({B, nI, BM2 * Cq * 2}, lopt), dyTv = at::empty({B, nI, BM2 * Cv * 2}, lopt);
   auto P = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
   cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nI, ib = t % nI, i0 = ib * BM, bm = std::min(BM, N - i0);
       const at::Tensor Qi = q[b].narrow(1, i0, bm), Di = dy[b].narrow(1, i0, bm);
-      // VNNI over channel pairs, columns i0.. of a [C/2][N][2] layout: ld N, written per block
-      T* qd = P(qv[b]) + i0 * 2;
-      T* dd = P(dyv[b]) + i0 * 2;
       const T* qs = reinterpret_cast<const T*>(Qi.const_data_ptr());
       const T* ds = reinterpret_cast<const T*>(Di.const_data_ptr());
-      for (int64_t c = 0; c < Cq; c += 2)
-        for (int64_t i = 0; i < bm; ++i) {
-          qd[(c / 2) * N * 2 + 2 * i] = qs[c * Qi.stride(0) + i * Qi.stride(1)];
-          qd[(c / 2) * N * 2 + 2 * i + 1] = c + 1 < Cq ? qs[(c + 1) * Qi.stride(0) + i * Qi.stride(1)] : T(0.f);
-        }
-      for (int64_t c = 0; c < Cv; c += 2)
-        for (int64_t i = 0; i < bm; ++i) {
-          dd[(c / 2) * N * 2 + 2 * i] = ds[c * Di.stride(0) + i * Di.stride(1)];
-          dd[(c / 2) * N * 2 + 2 * i + 1] = c + 1 < Cv ? ds[(c + 1) * Di.stride(0) + i * Di.stride(1)] : T(0.f);
-        }
-      // VNNI over position pairs: q_i^T [bm, Cq], dy_i^T [bm, Cv]
+      cpu::pack_vnni<T, T>(P(qv[b][ib]), qs, Cq, bm, Qi.stride(0), Qi.stride(1));
+      cpu::pack_vnni<T, T>(P(dyv[b][ib]), ds, Cv, bm, Di.stride(0), Di.stride(1));
       cpu::pack_vnni<T, T>(P(qTv[b][ib]), qs, bm, Cq, Qi.stride(1), Qi.stride(0));
       cpu::pack_vnni<T, T>(P(dyTv[b][ib]), ds, bm, Cv, Di.stride(1), Di.stride(0));
     }
@@ -388,7 +385,7 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
     at::Tensor dE = at::empty({BN, BM}, lopt.dtype(at::kFloat));  // dE^T
     at::Tensor Pl = at::empty({BN, BM}, lopt), dSl = at::empty({BN, BM}, lopt);
     at::Tensor dSv = at::empty({((BN + 1) / 2) * BM * 2}, lopt);
-    at::Tensor VjT = at::empty({BN, Cv}, lopt);
+    at::Tensor VjT = at::empty({BN, Cv}, lopt), Kjc = at::empty({Cq, BN}, lopt);
     std::vector<float> zeros(BM, 0.f);
     float* Sp = S.mutable_data_ptr<float>();
     float* dEp = dE.mutable_data_ptr<float>();
@@ -406,18 +403,19 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
         const int64_t j0 = jb * BN, bn = std::min(BN, Nk - j0);
         VjT.narrow(0, 0, bn).copy_(v[b].narrow(1, j0, bn).t());
         const T* kTj = P(kT[b]) + j0 * Cq;
-        const T* Kj = reinterpret_cast<const T*>(k[b].const_data_ptr()) + j0 * (Nk == 1 ? 1 : k.stride(2));
-        const int64_t ldk = std::max<int64_t>(k.stride(1), Nk);
+        Kjc.narrow(1, 0, bn).copy_(k_[b].narrow(1, j0, bn));    // [Cq, bn], ld BN
+        const T* Kj = P(Kjc);
+        const int64_t ldk = BN;
         float* dvTj = dvT[b].narrow(0, j0, bn).mutable_data_ptr<float>();
         float* dkTj = dkT[b].narrow(0, j0, bn).mutable_data_ptr<float>();
         for (int64_t ib = 0; ib < nI; ++ib) {
           const int64_t i0 = ib * BM, bm = std::min(BM, N - i0);
-          brgemm_raw<T>(bn, bm, Cq, kTj, Cq, P(qv[b]) + i0 * 2, N, Sp, BM, false);   // E^T
+          brgemm_raw<T>(bn, bm, Cq, kTj, Cq, P(qv[b][ib]), bm, Sp, BM, false);      // E^T
           for (int64_t r = 0; r < bn; ++r)
             bwd_p_row(Sp + r * BM, lseb + i0, sc, Plp + r * bm, bm);            // Pl: [bn, bm]
           brgemm_raw<T>(bn, Cv, bm, reinterpret_cast<const T*>(Plp), bm, P(dyTv[b][ib]), Cv,
                         dvTj, Cv, true);                                       // dv^T += P^T dy^T
-          brgemm_raw<T>(bn, bm, Cv, P(VjT), Cv, P(dyv[b]) + i0 * 2, N, dEp, BM, false);  // dE^T
+          brgemm_raw<T>(bn, bm, Cv, P(VjT), Cv, P(dyv[b][ib]), bm, dEp, BM, false);  // dE^T
           for (int64_t r = 0; r < bn; r += 2) {
             const bool pair = r + 1 < bn;
             bwd_ds_pair(Sp + r * BM, pair ? Sp + (r + 1) * BM : zeros.data(), dEp + r * BM,
