@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from ._contract import stats_dtype  # fp16/bf16 models: the attention math in fp32 (SPEC §4)
+from ._contract import output_dtype, stats_dtype  # fp16/bf16 models: the attention math in fp32 (SPEC §4)
 
 # Names of the forward ops per family, compiled and Triton (schemas: docs/ARCHITECTURE.md).
 PAM_OPS = ("danet_ops::pam_forward", "danet_ops::pam_forward_triton")
@@ -48,12 +48,12 @@ def pam_math(q, k, v, x=None, gamma=None, scale=1.0):
     a = torch.softmax(e, dim=-1)
     o = torch.bmm(vc, a.transpose(1, 2))                        # [B, Cv, Nq]
     lse = torch.logsumexp(e, dim=-1)                            # dead code unless used; pruned by the exporter
-    if o.dtype != v.dtype:
-        o = o.to(v.dtype)
+    # o stays in the compute dtype, as the fused kernels return it (fp32 for fp16/bf16 v: the
+    # fakes say so, and torch.export asserts it); the caller casts it to v's dtype.
     if x is None:
         y = v.new_empty((0,))
     else:
-        y = gamma * o + x
+        y = (gamma * o + x).to(output_dtype(v.dtype, x.dtype, gamma.dtype))
     return o, lse, y
 
 

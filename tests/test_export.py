@@ -309,3 +309,27 @@ def test_models_export_onnx(tiny_checkpoint, tmp_path, capsys, extra):
     assert rc == 0, text
     assert "max |exported - eager|" in text and "at 48x48" in text and "at 36x36" in text, text
     _check_onnx(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_model_exports_with_fp32_attention_math(tmp_path, dtype):
+    # The fused forward ops return O in fp32 for fp16/bf16 inputs (the backward's Delta), and the
+    # fakes say so; the export decomposition must agree or torch.export's metadata assert fails
+    # (it did: "Tensor dtype mismatch! Expected: torch.float32, Got: torch.bfloat16").
+    m = danet_ops.PositionAttention(16, backend="cpu").eval()
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    m = m.to(dtype)
+    x = torch.randn(1, 16, 5, 6).to(dtype)
+    with torch.no_grad():
+        eager = m(x)
+    _export.register()
+    out = torch.export.export(m, (x,)).run_decompositions().module()(x)
+    assert out.dtype == eager.dtype == dtype
+    # Same fp32 math on the same half inputs; only the final rounding to dtype may differ: 1 ulp.
+    ulp = torch.finfo(dtype).eps
+    assert ((out.float() - eager.float()).abs() <= ulp * eager.float().abs() + 1e-6).all()
+    path = str(tmp_path / "half.onnx")
+    torch.onnx.export(m, (x,), path, dynamo=True, verbose=False)
+    if dtype == torch.float16:   # ONNX's Conv has no bf16 type before opset 22: checker only for fp16
+        _check_onnx(path)
