@@ -78,8 +78,7 @@ def load():
                 how = _jit_build()
             else:
                 raise RuntimeError("danet_ops._C was not built and DANET_OPS_JIT=0 forbids the JIT build")
-            # O in fp32 for bf16/fp16 inputs on CPU and CUDA alike (both kernels' backward Delta)
-            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward", o_fp32=True)
+            _meta.register_pam("danet_ops::pam_forward", "danet_ops::pam_backward")
             _meta.register_cam("danet_ops::cam_forward", "danet_ops::cam_backward")
             if _has_inference_ops():
                 _meta.register_inference("danet_ops::pam_forward_inference",

@@ -27,7 +27,8 @@ def output_dtype(value_dtype, x_dtype=None, gamma_dtype=None):
 
 
 def stats_dtype(dtype):
-    """dtype of the softmax statistics (lse, CAM's A) and dgamma: fp64 for fp64, else fp32."""
+    """dtype of the softmax statistics (lse, CAM's A), dgamma, and of pam_forward's O on every
+    fused backend (the backward's Delta = sum dO*O reads it): fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

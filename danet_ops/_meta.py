@@ -14,14 +14,12 @@ def _residual_dtype(o_dtype, x, gamma):
 
 
 # ----------------------------------------------------------------------------- PAM
-def pam_forward_fake(q, k, v, x, gamma, scale=1.0, o_fp32_on_cpu=False, o_fp32=False):
+def pam_forward_fake(q, k, v, x, gamma, scale=1.0):
     # q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]: outputs have the queries' Nq.
     B, _, N = q.shape
     Cv = v.shape[1]
-    # Kernels that keep O in fp32 for bf16/fp16 inputs (their backward's Delta) say so: on
-    # every device (o_fp32: Triton, the compiled CPU/CUDA ops) or on CPU only (o_fp32_on_cpu).
-    o32 = o_fp32 or (o_fp32_on_cpu and v.device.type == "cpu")
-    o = v.new_empty((B, Cv, N), dtype=stats_dtype(v.dtype) if o32 else v.dtype)
+    # Every fused kernel keeps O in the compute dtype (fp32 for bf16/fp16: the backward's Delta).
+    o = v.new_empty((B, Cv, N), dtype=stats_dtype(v.dtype))
     lse = q.new_empty((B, N), dtype=stats_dtype(v.dtype))
     if x is None:
         y = v.new_empty((0,))
@@ -109,13 +107,10 @@ def _register_backward_op(backward_name):
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-def register_pam(forward_name, backward_name, o_fp32_on_cpu=False, o_fp32=False):
+def register_pam(forward_name, backward_name):
     """Fake kernels + autograd for a (forward, backward) pair of PAM ops, e.g.
     ("danet_ops::pam_forward", "danet_ops::pam_backward")."""
-    fake = pam_forward_fake
-    if o_fp32_on_cpu or o_fp32:  # the op returns O in fp32 for bf16/fp16 inputs (on CPU, or on every device)
-        fake = lambda q, k, v, x, gamma, *extra: pam_forward_fake(q, k, v, x, gamma, *extra, o_fp32_on_cpu=o_fp32_on_cpu, o_fp32=o_fp32)  # noqa: E731
-    torch.library.register_fake(forward_name)(fake)
+    torch.library.register_fake(forward_name)(pam_forward_fake)
     torch.library.register_fake(backward_name)(pam_backward_fake)
     backward_op = _op(backward_name)
     torch.library.register_autograd(forward_name, _pam_autograd(backward_op),

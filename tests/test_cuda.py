@@ -103,7 +103,7 @@ if GPU_ON_CPU:
               f"pam_forward: q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; got {q.shape}, {k.shape}, {v.shape}")
         _need(x is None or x.shape == (B, v.shape[1], N), "pam_forward: x must be [B, Cv, Nq]")
         if B == 0 or N == 0 or Nk == 0:
-            return _meta.pam_forward_fake(q, k, v, x, gamma, scale, o_fp32=True)
+            return _meta.pam_forward_fake(q, k, v, x, gamma, scale)
         _emu_lib()
         o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
                                   scale=scale)
@@ -146,7 +146,7 @@ if GPU_ON_CPU:
         return E.cam_backward(dy, x, attn, o, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
 
     # O in fp32 for fp16/bf16 inputs, as the binding returns it (pam_binding.cpp)
-    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward", o_fp32=True)
+    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward")
     _meta.register_cam("danet_ops_emu::cam_forward", "danet_ops_emu::cam_backward")
     ops = torch.ops.danet_ops_emu
 

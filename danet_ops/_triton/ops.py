@@ -65,5 +65,5 @@ def cam_backward_triton(dy: Tensor, x: Tensor, attn: Tensor, o: Tensor, gamma: O
     return _kernels("cam").backward(dy, x, attn, o, gamma, mode)
 
 
-_meta.register_pam(PAM_FORWARD, PAM_BACKWARD, o_fp32=True)   # O fp32 for fp16/bf16 (pam.forward)
+_meta.register_pam(PAM_FORWARD, PAM_BACKWARD)
 _meta.register_cam(CAM_FORWARD, CAM_BACKWARD)
