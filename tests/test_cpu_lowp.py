@@ -157,3 +157,12 @@ def test_cam_tile_sizes_in_range(monkeypatch, bc, bn):
     inputs = cam_inputs(2, 40, 19, 23)
     fn = lambda *t: channel_attention(*t, backend="cpu")      # noqa: E731
     compare_to_oracle(fn, reference.channel_attention, inputs, CAM_NAMES, FLOOR[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() notice
+def test_pam_lowp_with_onednn_disabled(monkeypatch):
+    # torch.backends.mkldnn disabled: brgemm refuses, the kernels take MKL's CBLAS engine
+    # instead (same policy, no error).
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", "1")
+    with torch.backends.mkldnn.flags(enabled=False):
+        _pam(pam_inputs(1, 8, 16, 9, 11, dtype=torch.bfloat16), FLOOR[torch.bfloat16])

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/Utils.h>
@@ -153,8 +154,12 @@ inline void exp_flush_(at::Tensor& t) {
 // B may also be an fp32 view (a P or dE tile): it is rounded to the operand dtype while packed
 // (round to nearest even, as Tensor.to), which saves a separate rounding pass.
 
+// Whether brgemm computes T here: probed once (it throws on an ISA oneDNN's ukernel does not
+// cover), and, per call, oneDNN still enabled (torch.backends.mkldnn.enabled = False makes
+// brgemm refuse the VNNI layout, so the kernels then take the other engine).
 template <class T>
 inline bool brgemm_available() {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool ok = [] {
     try {
       // [1, 2] x [2, 1] in the VNNI layout: 1*2 + 1*3 = 5 (exact in bf16 / fp16).
