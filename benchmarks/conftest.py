@@ -27,6 +27,7 @@ FULL = os.environ.get("DANET_OPS_BENCH_FULL", "0") == "1"
 RESULTS_DIR = os.environ.get("DANET_OPS_BENCH_OUT",
                              os.path.join(os.path.dirname(__file__), "results", "raw"))
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _mmap_large_allocations():
     """glibc: serve every allocation >= 64 KiB with mmap for the benchmark session, so that freed
