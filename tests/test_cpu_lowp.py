@@ -166,3 +166,20 @@ def test_pam_lowp_with_onednn_disabled(monkeypatch):
     monkeypatch.setenv("DANET_OPS_CPU_LOWP", "1")
     with torch.backends.mkldnn.flags(enabled=False):
         _pam(pam_inputs(1, 8, 16, 9, 11, dtype=torch.bfloat16), FLOOR[torch.bfloat16])
+
+
+def test_pam_lowp_bitwise_deterministic(monkeypatch):
+    # Tasks are handed out dynamically, but every output element (and each dq partial, summed
+    # in a fixed order) is computed by the same products whichever worker ran it: same bits.
+    monkeypatch.setenv("DANET_OPS_CPU_LOWP", "1")
+    monkeypatch.setenv("DANET_OPS_CPU_BLOCK_M", "32")
+    monkeypatch.setenv("DANET_OPS_CPU_BLOCK_N", "32")   # many tasks and key-block groups
+    q, k, v, x, g = pam_inputs(1, 8, 16, 15, 17, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        y = position_attention(*leaves, x, g, backend="cpu")
+        y.backward(torch.ones_like(y))
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

@@ -20,6 +20,7 @@
 #include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
@@ -94,6 +95,27 @@ inline int64_t env_block(const char* name, int64_t dflt, int64_t lo, int64_t hi)
   TORCH_CHECK(ok, name, " must be an integer in [", lo, ", ", hi, "] (a tile size; the bounds keep "
               "the O(N) memory contract and tiles worth a GEMM); got '", s, "'");
   return static_cast<int64_t>(v);
+}
+
+// Like parallel_tasks, but the tasks are handed out one at a time from a shared counter
+// (dynamic scheduling): fn(next) runs once per worker, sets up its buffers and then loops
+// `for (int64_t t; next(t);)`. On a shared or busy machine a descheduled worker then delays
+// the op by one task, not by half of it. The result does not depend on which worker ran a task.
+template <class F>
+void parallel_dynamic(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  auto next = [&](int64_t& t) {
+    t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < n;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
+    FlushDenormals ftz;
+    if (begin < end) fn(next);
+    lowp_release();
+  });
 }
 
 // CPU features from torch's cpuinfo ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16").

@@ -244,7 +244,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t nI = (N + BM - 1) / BM;
   const int64_t lda = BM + 16;  // the accumulator's row stride: not a multiple of 4 KiB
   const float sc = static_cast<float>(scale);
-  cpu::parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
+  cpu::parallel_dynamic(B * nI, [&](const auto& next) {
     at::Tensor S = at::empty({BN, BM}, fopt);                    // E^T tile
     at::Tensor Qv = at::empty({((Cq + 1) / 2) * BM * 2}, q.options());
     at::Tensor Pv = at::empty({((BN + 1) / 2) * BM * 2}, q.options());
@@ -254,7 +254,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     float* Sp = S.mutable_data_ptr<float>();
     T* Qvp = reinterpret_cast<T*>(Qv.mutable_data_ptr());
     T* Pvp = reinterpret_cast<T*>(Pv.mutable_data_ptr());
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; next(t);) {
       const int64_t b = t / nI, i0 = (t % nI) * BM, bm = std::min(BM, N - i0);
       const at::Tensor Qi = q[b].narrow(1, i0, bm);              // [Cq, bm]
       cpu::pack_vnni<T, T>(Qvp, reinterpret_cast<const T*>(Qi.const_data_ptr()), Cq, bm,
@@ -380,7 +380,7 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
     }
   });
   const float sc = static_cast<float>(scale), gf = static_cast<float>(g);
-  cpu::parallel_tasks(B * G, [&](int64_t begin, int64_t end) {
+  cpu::parallel_dynamic(B * G, [&](const auto& next) {
     at::Tensor S = at::empty({BN, BM}, lopt.dtype(at::kFloat));   // P^T (fp32)
     at::Tensor dE = at::empty({BN, BM}, lopt.dtype(at::kFloat));  // dE^T
     at::Tensor Pl = at::empty({BN, BM}, lopt), dSl = at::empty({BN, BM}, lopt);
@@ -393,7 +393,7 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
     auto* dSlp = reinterpret_cast<uint16_t*>(dSl.mutable_data_ptr());
     auto* dSvp = reinterpret_cast<uint32_t*>(dSv.mutable_data_ptr());
     std::vector<uint16_t> scratch(BM);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; next(t);) {
       const int64_t b = t / G, grp = t % G;
       const int64_t jb_begin = grp * nJ / G, jb_end = (grp + 1) * nJ / G;
       float* dqp = dq_part[b][grp].mutable_data_ptr<float>();      // [Cq, N]
@@ -599,10 +599,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
   at::Tensor dq = at::zeros({B, Cq, N}, fopt);
   at::Tensor dq_part = G == 1 ? dq.unsqueeze(1) : at::zeros({B, G, Cq, N}, fopt);
   if (ot == at::kBFloat16 && ct == at::kFloat && cpu::brgemm_available<at::BFloat16>()) {
+    // Key-block groups handed out dynamically: up to 4 per thread (each its own dq partial,
+    // summed in a fixed order: deterministic whichever worker ran it).
+    const int64_t Gl = nJ == 0 ? 1 : std::min(nJ, std::max<int64_t>(1, (4 * T + B - 1) / B));
+    if (Gl != G) dq_part = Gl == 1 ? dq.unsqueeze(1) : at::zeros({B, Gl, Cq, N}, fopt);
     at::Tensor dkT = at::zeros({B, Nk, Cq}, fopt), dvT = at::zeros({B, Nk, Cv}, fopt);
     pam_backward_lowp_bf16(q, k, v, dy, lse_c.contiguous(), delta.contiguous(), g, scale, BM, BN,
-                           G, dq_part, dkT, dvT);
-    if (G > 1) at::sum_out(dq, dq_part, {1});
+                           Gl, dq_part, dkT, dvT);
+    if (Gl > 1) at::sum_out(dq, dq_part, {1});
     at::Tensor dgamma = gamma_.has_value() ? rowdot.sum().reshape({1}) : at::empty({0}, fopt);
     if (scale != 1.0) dq.mul_(scale);
     at::Tensor dk = dkT.transpose(1, 2).mul(scale).to(k_.scalar_type());
