@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -176,20 +177,41 @@ inline void exp_flush_(at::Tensor& t) {
 // B may also be an fp32 view (a P or dE tile): it is rounded to the operand dtype while packed
 // (round to nearest even, as Tensor.to), which saves a separate rounding pass.
 
-// Whether brgemm computes T here: probed once (it throws on an ISA oneDNN's ukernel does not
-// cover), and, per call, oneDNN still enabled (torch.backends.mkldnn.enabled = False makes
-// brgemm refuse the VNNI layout, so the kernels then take the other engine).
+// One brgemm product C[M, N] = A[M, K] B[K, N] on small integer values (exact in bf16/fp16
+// and in fp32 sums), B in our VNNI layout, checked against the exact result.
+template <class T>
+bool brgemm_probe(int64_t M, int64_t N, int64_t K) {
+  const int64_t K2 = (K + 1) / 2;
+  std::vector<T> A(M * K), Bv(K2 * N * 2, T(0.f));
+  std::vector<float> C(M * N, -1.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) A[m * K + k] = T(static_cast<float>((m * 3 + k) % 7 - 3));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n)
+      Bv[((k / 2) * N + n) * 2 + (k & 1)] = T(static_cast<float>((k * 5 + n) % 5 - 2));
+  at::native::cpublas::brgemm(M, N, K, K, N, N, false, A.data(), Bv.data(), C.data(), true);
+  at::native::cpublas::brgemm_release(true);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float want = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        want += static_cast<float>((m * 3 + k) % 7 - 3) * static_cast<float>((k * 5 + n) % 5 - 2);
+      if (C[m * N + n] != want) return false;
+    }
+  return true;
+}
+
+// Whether brgemm computes T here: probed once on the kernels' kind of shapes (a full 256-wide
+// tile and a ragged one with odd K; it throws on an ISA oneDNN's ukernel does not cover, and a
+// layout it would read differently, e.g. another B format on some ISA, fails the check), and,
+// per call, oneDNN still enabled (torch.backends.mkldnn.enabled = False makes brgemm refuse the
+// VNNI layout). Otherwise the kernels take the other engine.
 template <class T>
 inline bool brgemm_available() {
   if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool ok = [] {
     try {
-      // [1, 2] x [2, 1] in the VNNI layout: 1*2 + 1*3 = 5 (exact in bf16 / fp16).
-      const T a[2] = {T(1.f), T(1.f)}, b[2] = {T(2.f), T(3.f)};
-      float c[1] = {0.f};
-      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, true);
-      at::native::cpublas::brgemm_release(true);
-      return c[0] == 5.f;
+      return brgemm_probe<T>(33, 256, 64) && brgemm_probe<T>(5, 37, 7);
     } catch (...) {
       return false;
     }
