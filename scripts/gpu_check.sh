@@ -244,7 +244,7 @@ PY
 stage_b() {
   local sel=() env=(DANET_OPS_REQUIRE_CUDA=1)
   if [ "$DRY" = 1 ]; then  # a few of each file's GPU tests, through the interpreter and the emulator
-    env=(DANET_OPS_TEST_GPU_ON_CPU=1)
+    env=(DANET_OPS_TEST_GPU_ON_CPU=1 TRITON_INTERPRET=1)   # the Triton GPU tests run interpreted
     sel=(-k "deterministic or opcheck or empty_and or test_cuda_layouts or (test_pam_layouts and float16)")
   fi
   (cd "$ROOT" && env "${env[@]}" "$PY" -m pytest tests/test_cuda.py tests/test_triton.py -m gpu -q -rfEs \
