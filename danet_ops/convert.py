@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import _contract
 from .functional import channel_attention, position_attention
 from .modules import ChannelAttention, PositionAttention
 
@@ -138,8 +139,10 @@ def _convert_one(m, backend):
         if not (all(_is_1x1_conv(c) for c in convs) and _gamma_param(m)
                 and convs[0].out_channels == convs[1].out_channels
                 and convs[0].in_channels == convs[2].in_channels == convs[2].out_channels
-                and 1 <= convs[0].out_channels <= 256 and _forward_owner(m) == cls):
-            return "PAM_Module without the released structure (1x1 query/key/value_conv, gamma [1])"
+                and _contract.CQ_MIN <= convs[0].out_channels <= _contract.CQ_MAX
+                and convs[2].out_channels <= _contract.CV_MAX and _forward_owner(m) == cls):
+            return ("PAM_Module without the released structure (1x1 query/key/value_conv, gamma [1]) "
+                    "or outside the Cq/Cv limits")
         new = PositionAttention(convs[0].in_channels, reduction=convs[0].in_channels,
                                 backend=backend)
         new.query_conv, new.key_conv, new.value_conv, new.gamma = (*convs, m.gamma)

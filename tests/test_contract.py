@@ -77,3 +77,20 @@ def test_output_dtype_rule():
     q = torch.randn(1, 2, 5, dtype=bf)
     y = position_attention(q, q, q, torch.randn(1, 2, 5), torch.ones(1), backend="cpu")
     assert y.dtype == _contract.output_dtype(bf, f32, f32)
+
+
+def test_compiled_ops_follow_the_output_dtype_rule():
+    # csrc/dtype_rules.h is the C++ twin of _contract.output_dtype (CPU kernels, CUDA bindings):
+    # every (value, x, gamma) dtype combination gives the dtype the Python rule (and the fakes) say.
+    dts = _contract.FLOAT_DTYPES
+    for vt in dts:
+        q = torch.randn(1, 2, 5, dtype=vt)
+        v = torch.randn(1, 3, 5, dtype=vt)
+        for xt in dts:
+            for gt in dts:
+                x, g = torch.randn(1, 3, 5, dtype=xt), torch.tensor([0.5], dtype=gt)
+                _, _, y = torch.ops.danet_ops.pam_forward(q, q, v, x, g, 1.0)
+                assert y.dtype == _contract.output_dtype(vt, xt, gt), (vt, xt, gt, y.dtype)
+                xc = torch.randn(1, 3, 5, dtype=vt)
+                _, _, yc = torch.ops.danet_ops.cam_forward(xc, g, "original")
+                assert yc.dtype == _contract.output_dtype(vt, vt, gt), (vt, gt, yc.dtype)

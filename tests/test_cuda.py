@@ -28,14 +28,12 @@ import torch
 from torch import Tensor
 
 from danet_ops import channel_attention, position_attention, reference
-from conftest import (GPU_ON_CPU, cam_inputs, compare_to_oracle, make, max_err, pam_inputs,
+from conftest import (GPU_ON_CPU, cam_inputs, compare_to_oracle, floor, make, max_err, pam_inputs,
                       run_with_grads, tf32, to64)
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Floors of the 2x-the-reference's-error bound: conftest.FLOOR's values (2u in fp16 / bf16).
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 CAM_NAMES = ("y", "dx", "dgamma")
 
@@ -197,13 +195,13 @@ def _to(inputs, dev):
 
 def _pam(inputs, dtype):
     fn = lambda *t: position_attention(*t, backend="cuda")  # noqa: E731
-    return compare_to_oracle(fn, reference.position_attention, inputs, PAM_NAMES, FLOOR[dtype])
+    return compare_to_oracle(fn, reference.position_attention, inputs, PAM_NAMES, floor(dtype, "cuda"))
 
 
 def _cam(inputs, mode, dtype):
     fn = lambda x, g: channel_attention(x, g, mode=mode, backend="cuda")  # noqa: E731
     ref = lambda x, g: reference.channel_attention(x, g, mode=mode)       # noqa: E731
-    return compare_to_oracle(fn, ref, inputs, CAM_NAMES, FLOOR[dtype])
+    return compare_to_oracle(fn, ref, inputs, CAM_NAMES, floor(dtype, "cuda"))
 
 
 # ----------------------------------------------------------------------------- PAM
@@ -307,7 +305,7 @@ def test_pam_general_nk_and_scale(dev, dtype, nq, nk, scale):
     g = torch.tensor([0.7], device=dev)
     fn = lambda *t: position_attention(*t, scale=scale, backend="cuda")  # noqa: E731
     ref = lambda *t: reference.position_attention(*t, scale=scale)       # noqa: E731
-    compare_to_oracle(fn, ref, [q, k, v, x, g], PAM_NAMES, FLOOR[dtype])
+    compare_to_oracle(fn, ref, [q, k, v, x, g], PAM_NAMES, floor(dtype, "cuda"))
 
 
 # ----------------------------------------------------------------------------- CAM

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../contract.h"  // CAM modes, generated from danet_ops/_contract.py
+#include "../dtype_rules.h"  // y's dtype: the contract's output_dtype
 #include "cpu_common.h"
 
 namespace danet_ops {
@@ -124,8 +125,8 @@ void cam_forward_impl(const at::Tensor& x_, const std::optional<at::Tensor>& gam
 
   const bool write_o = keep_o || !residual;
   if (write_o) o = at::empty({B, C, N}, fopt);
-  if (residual) y = at::empty({B, C, N}, fopt.dtype(at::promote_types(x_.scalar_type(),
-                                                                        gamma_->scalar_type())));
+  if (residual) y = at::empty({B, C, N}, fopt.dtype(contract::output_dtype(
+                                             x_.scalar_type(), x_.scalar_type(), gamma_->scalar_type())));
   const int64_t nN = (N + kNBlock - 1) / kNBlock;
   cpu::parallel_tasks(B * nN, [&](int64_t begin, int64_t end) {
     at::Tensor obuf = write_o ? at::Tensor() : at::empty({C, kNBlock}, fopt);

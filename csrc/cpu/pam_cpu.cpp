@@ -43,6 +43,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dtype_rules.h"  // y's dtype: the contract's output_dtype
 #include "cpu_common.h"
 
 namespace danet_ops {
@@ -456,10 +457,8 @@ void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tens
   if (need_lse) lse = at::empty({B, N}, fopt);
   const at::Tensor x = residual ? *x_ : at::Tensor();
   if (residual) {
-    // dtype of the reference's gamma * O + x: gamma is a [1] tensor, so it takes part.
-    const auto out_dtype = at::promote_types(
-        at::promote_types(v_.scalar_type(), x_->scalar_type()), gamma_->scalar_type());
-    y = at::empty({B, Cv, N}, v.options().dtype(out_dtype));
+    y = at::empty({B, Cv, N}, v.options().dtype(contract::output_dtype(
+                                  v_.scalar_type(), x_->scalar_type(), gamma_->scalar_type())));
   }
 
   const int64_t BM = block_m(), BN = block_n(), nI = (N + BM - 1) / BM;

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../dtype_rules.h"  // y's dtype: the contract's output_dtype
 #include "danet_cuda.cuh"
 
 namespace danet_ops {

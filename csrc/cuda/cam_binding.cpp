@@ -65,9 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_forward_cuda(
   at::Tensor y, g;
   if (gamma.has_value()) {
     g = gamma_f32(*gamma, x, op, "x is");
-    // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
-    y = at::empty({B, C, N}, x.options().dtype(at::promote_types(x.scalar_type(),
-                                                                 gamma->scalar_type())));
+    y = at::empty({B, C, N}, x.options().dtype(contract::output_dtype(
+                                 x.scalar_type(), x.scalar_type(), gamma->scalar_type())));
     p.gamma = g.data_ptr<float>();
     p.y = y.data_ptr();
     p.y_dtype = kernel_dtype(y, op, "y = gamma*O + x");

@@ -83,10 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
     TORCH_CHECK(x->size(0) == B && x->size(1) == Cv && x->size(2) == Nq, op,
                 ": x must be [B, Cv, Nq] = [", B, ", ", Cv, ", ", Nq, "]; got ", x->sizes());
     g = gamma_f32(*gamma, q, op, "the inputs are");
-    // dtype of the reference's gamma * O + x (gamma is a [1] tensor, so it takes part)
-    const auto yt = at::promote_types(at::promote_types(v.scalar_type(), x->scalar_type()),
-                                      gamma->scalar_type());
-    y = at::empty({B, Cv, Nq}, v.options().dtype(yt));
+    y = at::empty({B, Cv, Nq}, v.options().dtype(contract::output_dtype(
+                                   v.scalar_type(), x->scalar_type(), gamma->scalar_type())));
     p.x = view3(*x, op, "x");
     p.gamma = g.data_ptr<float>();
     p.y = y.data_ptr();
