@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import danet_ops
+import danet_ops  # noqa: F401
 from danet_ops import _contract, channel_attention, position_attention
+from conftest import backend_params, device_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,17 +19,11 @@ def test_cpp_header_is_generated_from_the_contract():
         "csrc/contract.h is stale: run `python -m danet_ops._contract > csrc/contract.h`"
 
 
-def _backends():
-    """Every backend that can run here: (name, device). Triton counts on CPU tensors under
-    TRITON_INTERPRET=1 (the interpreter's own pytest run) and on a GPU; CUDA on a GPU."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return [(name, dev) for dev in devices
-            for name, (ok, _) in danet_ops.available_backends(dev, torch.float32).items()
-            if ok and not (name == "reference" and dev.type == "cuda")]
-
-
-@pytest.mark.parametrize("backend,device", _backends(), ids=lambda b: str(b))
-def test_pam_channel_limits_at_the_boundary(backend, device):
+@pytest.mark.parametrize("backend_id", backend_params())
+def test_pam_channel_limits_at_the_boundary(backend_id):
+    # Every backend that can run in this process (conftest.BACKENDS: the interpreted Triton in
+    # the `-m interpreter` invocation, triton/cuda on a GPU); the others skip, saying why.
+    backend, device = device_for(backend_id, "pam")
     N = 3
     for Cq, Cv, ok in [(_contract.CQ_MIN, 2, True), (_contract.CQ_MAX, 2, True),
                        (_contract.CQ_MAX + 1, 2, False), (2, _contract.CV_MIN, True),
@@ -44,8 +39,9 @@ def test_pam_channel_limits_at_the_boundary(backend, device):
                 position_attention(q, q, v, backend=backend)
 
 
-@pytest.mark.parametrize("backend,device", _backends(), ids=lambda b: str(b))
-def test_cam_modes_and_channel_cap(backend, device):
+@pytest.mark.parametrize("backend_id", backend_params())
+def test_cam_modes_and_channel_cap(backend_id):
+    backend, device = device_for(backend_id, "cam")
     x = torch.randn(1, 3, 4, device=device)
     for mode in _contract.CAM_MODES:
         assert channel_attention(x, mode=mode, backend=backend).shape == x.shape
