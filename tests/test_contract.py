@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import danet_ops  # noqa: F401
+import danet_ops  # noqa: F401  (registers torch.ops.danet_ops)
 from danet_ops import _contract, channel_attention, position_attention
 from conftest import backend_params, device_for
 
