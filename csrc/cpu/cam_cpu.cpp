@@ -43,7 +43,7 @@ namespace {
 int64_t cam_block_c() { return cpu::env_block("DANET_OPS_CPU_CAM_BLOCK_C", 128, 8, 4096); }
 int64_t cam_block_n() { return cpu::env_block("DANET_OPS_CPU_CAM_BLOCK_N", 512, 16, 65536); }
 
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;  // see pam_cpu.cpp
+using cpu::BelowAutograd;  // the tile ops are ATen calls on views that may require grad
 
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -65,19 +65,39 @@ class FlushDenormals {
   unsigned int saved_ = 0;
 };
 
-// at::parallel_for over tasks [0, n) (grain 1), each chunk fn(begin, end) running the way every
-// task of our kernels must: below autograd (the tile ops are ATen calls on views of inputs that
-// may require grad; the guard is thread-local, so it is set in each worker) and with FTZ/DAZ;
-// afterwards the worker's brgemm context is released.
-inline void lowp_release();
+// The tile ops are ATen calls on views of the op's inputs, which may require grad: they must
+// dispatch below autograd (in every worker thread: the guard is thread-local).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// Whether this thread has called brgemm since its last release (set by brgemm_call).
+inline thread_local bool brgemm_used = false;
+
+// The scope every parallel task of our kernels runs in: below autograd and with FTZ/DAZ; on
+// leaving, the brgemm hardware context (AMX tile configuration) is released if the task used
+// brgemm (fp32/fp64 tasks never touch it).
+class TaskScope {
+ public:
+  TaskScope() = default;
+  ~TaskScope() {
+    if (brgemm_used) {
+      brgemm_used = false;
+      at::native::cpublas::brgemm_release(true);
+    }
+  }
+  TaskScope(const TaskScope&) = delete;
+  TaskScope& operator=(const TaskScope&) = delete;
+
+ private:
+  BelowAutograd below_autograd_;
+  FlushDenormals ftz_;
+};
+
+// at::parallel_for over tasks [0, n) (grain 1), each chunk fn(begin, end) in a TaskScope.
 template <class F>
 void parallel_tasks(int64_t n, const F& fn) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
-    FlushDenormals ftz;
+    TaskScope scope;
     fn(begin, end);
-    lowp_release();  // the brgemm hardware context (AMX) of this worker, if any was set
   });
 }
 
@@ -112,10 +132,8 @@ void parallel_dynamic(int64_t n, const F& fn) {
   };
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
-    FlushDenormals ftz;
+    TaskScope scope;
     if (begin < end) fn(next);
-    lowp_release();
   });
 }
 
@@ -232,11 +250,14 @@ inline bool lowp_gemm_available(at::ScalarType t) {
   return false;
 }
 
-// Ends the brgemm hardware context of the calling thread (AMX tile configuration; a no-op
-// elsewhere). Called at the end of every parallel task.
-inline void lowp_release() {
-  if (brgemm_available<at::BFloat16>() || brgemm_available<at::Half>())
-    at::native::cpublas::brgemm_release(true);
+// C [M, N] (ldc) (+)= A [M, K] (lda, row-major) x B (VNNI-packed [ceil(K/2)][N][2], ldb = N):
+// every brgemm product of our kernels goes through here, so the task's scope knows to release
+// the hardware context.
+template <class T>
+void brgemm_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 float* C, int64_t ldc, bool add) {
+  brgemm_used = true;
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, true);
 }
 
 template <class T>
@@ -332,15 +353,13 @@ inline void brgemm_packed(at::Tensor& C, const at::Tensor& A_, const PackedB& pb
   const int64_t lda = m == 1 ? K : A.stride(0);
   const int64_t ldc = m == 1 ? n : C.stride(0);
   if (A.scalar_type() == at::kBFloat16) {
-    at::native::cpublas::brgemm(m, n, K, lda, n, ldc, add,
-                                reinterpret_cast<const at::BFloat16*>(A.const_data_ptr()),
-                                reinterpret_cast<const at::BFloat16*>(pb.buf.const_data_ptr()),
-                                C.mutable_data_ptr<float>(), true);
+    brgemm_call(m, n, K, reinterpret_cast<const at::BFloat16*>(A.const_data_ptr()), lda,
+                reinterpret_cast<const at::BFloat16*>(pb.buf.const_data_ptr()), n,
+                C.mutable_data_ptr<float>(), ldc, add);
   } else {
-    at::native::cpublas::brgemm(m, n, K, lda, n, ldc, add,
-                                reinterpret_cast<const at::Half*>(A.const_data_ptr()),
-                                reinterpret_cast<const at::Half*>(pb.buf.const_data_ptr()),
-                                C.mutable_data_ptr<float>(), true);
+    brgemm_call(m, n, K, reinterpret_cast<const at::Half*>(A.const_data_ptr()), lda,
+                reinterpret_cast<const at::Half*>(pb.buf.const_data_ptr()), n,
+                C.mutable_data_ptr<float>(), ldc, add);
   }
 }
 

@@ -62,9 +62,7 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The tile ops below are ATen calls on views of the op's inputs, which may require grad: they
-// must dispatch below autograd (in every worker thread: the guard is thread-local).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+using cpu::BelowAutograd;  // the tile ops are ATen calls on views that may require grad
 
 at::Tensor as_type(const at::Tensor& t, at::ScalarType ct) {
   return t.scalar_type() == ct ? t : t.to(ct);
@@ -214,12 +212,6 @@ void exp_pack_cols(const float* S, int64_t rows, int64_t cols, int64_t ld, const
   }
 }
 
-template <class T>
-void brgemm_raw(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                float* C, int64_t ldc, bool add) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, true);
-}
-
 // Forward on brgemm. q, k, v in the operand dtype T (bf16 / fp16); o/y/lse allocated.
 template <class T>
 void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_,
@@ -269,7 +261,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const T* kTb = reinterpret_cast<const T*>(kT[b].const_data_ptr());
       for (int64_t j0 = 0; j0 < Nk; j0 += BN) {
         const int64_t bn = std::min(BN, Nk - j0);
-        brgemm_raw<T>(bn, bm, Cq, kTb + j0 * Cq, Cq, Qvp, bm, Sp, BM, false);  // E^T tile
+        cpu::brgemm_call<T>(bn, bm, Cq, kTb + j0 * Cq, Cq, Qvp, bm, Sp, BM, false);  // E^T tile
         colmax(Sp, bn, bm, BM, sc, cm.data());
         bool rescale = false;
         for (int64_t i = 0; i < bm; ++i) {
@@ -291,7 +283,7 @@ void pam_forward_lowp(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         exp_pack_cols<T>(Sp, bn, bm, BM, mu.data(), l.data(), Pvp, ninf.data());
         if (rescale && j0 > 0) scale_cols(accp, Cv, bm, ldc, alpha.data(), false);
         const T* Vj = reinterpret_cast<const T*>(vt[b][j0 / BN].const_data_ptr());
-        brgemm_raw<T>(Cv, bm, bn, Vj, BN, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
+        cpu::brgemm_call<T>(Cv, bm, bn, Vj, BN, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
       }
       if (Nk > 0) scale_cols(accp, Cv, bm, ldc, l.data(), true);
       if (need_lse) {
@@ -411,12 +403,12 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
         float* dkTj = dkT[b].narrow(0, j0, bn).mutable_data_ptr<float>();
         for (int64_t ib = 0; ib < nI; ++ib) {
           const int64_t i0 = ib * BM, bm = std::min(BM, N - i0);
-          brgemm_raw<T>(bn, bm, Cq, kTj, Cq, P(qv[b][ib]), bm, Sp, BM, false);      // E^T
+          cpu::brgemm_call<T>(bn, bm, Cq, kTj, Cq, P(qv[b][ib]), bm, Sp, BM, false);      // E^T
           for (int64_t r = 0; r < bn; ++r)
             bwd_p_row(Sp + r * BM, lseb + i0, sc, Plp + r * bm, bm);            // Pl: [bn, bm]
-          brgemm_raw<T>(bn, Cv, bm, reinterpret_cast<const T*>(Plp), bm, P(dyTv[b][ib]), Cv,
+          cpu::brgemm_call<T>(bn, Cv, bm, reinterpret_cast<const T*>(Plp), bm, P(dyTv[b][ib]), Cv,
                         dvTj, Cv, true);                                       // dv^T += P^T dy^T
-          brgemm_raw<T>(bn, bm, Cv, P(VjT), Cv, P(dyv[b][ib]), bm, dEp, BM, false);  // dE^T
+          cpu::brgemm_call<T>(bn, bm, Cv, P(VjT), Cv, P(dyv[b][ib]), bm, dEp, BM, false);  // dE^T
           for (int64_t r = 0; r < bn; r += 2) {
             const bool pair = r + 1 < bn;
             bwd_ds_pair(Sp + r * BM, pair ? Sp + (r + 1) * BM : zeros.data(), dEp + r * BM,
@@ -424,9 +416,9 @@ void pam_backward_lowp_bf16(const at::Tensor& q, const at::Tensor& k_, const at:
                         dSlp + r * bm, pair ? dSlp + (r + 1) * bm : scratch.data(),
                         dSvp + (r / 2) * bm, bm);
           }
-          brgemm_raw<T>(bn, Cq, bm, reinterpret_cast<const T*>(dSlp), bm, P(qTv[b][ib]), Cq,
+          cpu::brgemm_call<T>(bn, Cq, bm, reinterpret_cast<const T*>(dSlp), bm, P(qTv[b][ib]), Cq,
                         dkTj, Cq, true);                                       // dk^T += dS^T q^T
-          brgemm_raw<T>(Cq, bm, bn, Kj, ldk, reinterpret_cast<const T*>(dSvp), bm, dqp + i0, N,
+          cpu::brgemm_call<T>(Cq, bm, bn, Kj, ldk, reinterpret_cast<const T*>(dSvp), bm, dqp + i0, N,
                         true);                                                 // dq += k dS^T
         }
       }
