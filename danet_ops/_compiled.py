@@ -138,10 +138,7 @@ def pam_forward(q, k, v, x, gamma, scale=1.0):
     if _inference(q.device, q, k, v, x, gamma):
         out = torch.ops.danet_ops.pam_forward_inference(q, k, v, x, gamma, float(scale))
         return out, None, out
-    o, lse, y = torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
-    # The CPU and CUDA kernels return O in fp32 for bf16/fp16 inputs (their backward computes
-    # Delta = sum dO*O from it); the caller gets v's dtype, like every backend.
-    return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
+    return torch.ops.danet_ops.pam_forward(q, k, v, x, gamma, float(scale))
 
 
 def cam_forward(x, gamma, mode):

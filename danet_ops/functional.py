@@ -27,7 +27,9 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
     # [B, C, H, W] -> [B, C, N]: a view for contiguous and channels_last layouts.
     o, _, y = _backend_ops(name).pam_forward(
         q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma, scale)
-    return (o if x is None else y).view(B, Cv, *q.shape[2:])
+    # The fused ops keep O in the compute dtype (fp32 for fp16/bf16: the backward's Delta reads
+    # it unrounded); the caller gets v's dtype, as from the reference.
+    return (o.to(v.dtype) if x is None else y).view(B, Cv, *q.shape[2:])
 
 
 def channel_attention(x, gamma=None, mode="original", backend="auto"):

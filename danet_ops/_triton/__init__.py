@@ -33,10 +33,7 @@ def available():
 
 
 def pam_forward(q, k, v, x, gamma, scale=1.0):
-    o, lse, y = torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma, float(scale))
-    # The op returns O in fp32 for fp16/bf16 inputs (the backward's Delta = sum dO*O uses it
-    # unrounded); the caller gets v's dtype, like every backend.
-    return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
+    return torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma, float(scale))
 
 
 def cam_forward(x, gamma, mode):
