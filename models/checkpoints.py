@@ -1,10 +1,13 @@
 """Weights in and out: torchvision ImageNet ResNets into the backbone, released DANet checkpoints,
-mmsegmentation DAHead checkpoints (converted), and this trainer's own checkpoints.
+mmsegmentation DAHead checkpoints (converted), and this trainer's own checkpoints, written
+atomically and rotated (``iter_<N>.pth``, ``checkpoint.pth`` the newest).
 
     python -m models.checkpoints mmseg2danet danet_r50-d8_cityscapes.pth danet_r50.pth
 """
 import argparse
+import glob
 import os
+import re
 
 import torch
 
@@ -114,6 +117,71 @@ def build_model_from_checkpoint(path, map_location="cpu"):
     model = build_model(ckpt["cfg"], ckpt["nclass"])
     model.load_state_dict(ckpt["model"])
     return model.to(map_location), ckpt["cfg"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: atomic files, the trainer's rotating checkpoints
+# ----------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``: a
+    reader (or a crash at any point) sees the old file or the new one, never a partial one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    """torch.save ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _link_atomic(src, dst):
+    """Make ``dst`` the same file as ``src`` (a hard link, or a copy where links are not supported), atomically."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fi:
+                atomic_write(tmp, lambda fo: fo.write(fi.read()))
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def iter_checkpoints(out_dir):
+    """[(iteration, path)] of the iter_<N>.pth files in out_dir, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(out_dir, "iter_*.pth")):
+        m = re.fullmatch(r"iter_(\d+)\.pth", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save_rotating(out_dir, iteration, state, keep):
+    """Write ``<out_dir>/iter_<iteration>.pth`` atomically, make ``checkpoint.pth`` a hard link to it
+    (atomically replaced) and delete all but the newest ``keep`` (at least 1) ``iter_*.pth``."""
+    path = os.path.join(out_dir, f"iter_{iteration}.pth")
+    save_checkpoint(path, state)
+    _link_atomic(path, os.path.join(out_dir, "checkpoint.pth"))
+    for _, old in iter_checkpoints(out_dir)[:-max(keep, 1)]:
+        os.remove(old)
+
+
+def remove_stale_tmp(out_dir):
+    """Temporary files left by a process killed while writing (only ever ours: ``<name>.tmp<pid>``)."""
+    for path in glob.glob(os.path.join(out_dir, "*.tmp[0-9]*")):
+        if re.fullmatch(r".+\.tmp\d+", os.path.basename(path)):
+            os.remove(path)
 
 
 def main(argv=None):
