@@ -6,7 +6,7 @@ from PIL import Image
 
 from models.data import (IGNORE_INDEX, ADE20K, Cityscapes, DatasetError, DatasetNotFoundError, PascalVOC,
                          SyntheticScenes, augment, build_dataset, normalize)
-from models.train import IterationBatchSampler
+from models.data import IterationBatchSampler
 
 
 def test_synthetic_is_deterministic_and_splits_differ():

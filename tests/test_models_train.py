@@ -1,5 +1,6 @@
-"""models/train.py and models/evaluate.py: training, periodic validation, checkpoints, logs,
-exact resume (also after SIGKILL), DDP on CPU, config, schedulers, metrics, inference."""
+"""models.train (config, trainer, checkpoints, logs) and models.evaluate: training, periodic
+validation, checkpoints, logs, exact resume (also after SIGKILL), DDP on CPU, config, schedulers,
+metrics, inference."""
 import glob
 import json
 import math
@@ -18,7 +19,10 @@ from torch import nn
 
 from models import evaluate as ev
 from models import train as tr
-from models.checkpoints import build_model_from_checkpoint
+from models.checkpoints import build_model, build_model_from_checkpoint
+from models.config import _NOT_SAVED
+from models.logs import read_log
+from models.trainer import build_scheduler
 from models.data import SYNTHETIC_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +71,7 @@ def test_training_reduces_loss_and_reports_miou(tmp_path, capsys, monkeypatch):
                                             "log.jsonl", "loss.png", "miou.png", "vis"]
     assert os.path.samefile(tmp_path / "checkpoint.pth", tmp_path / "iter_40.pth")
 
-    records = tr.read_log(tmp_path / "log.jsonl")
+    records = read_log(tmp_path / "log.jsonl")
     train_recs = [r for r in records if r["type"] == "train"]
     val_recs = [r for r in records if r["type"] == "val"]
     assert [r["iter"] for r in train_recs] == [10, 20, 30, 40] and [r["iter"] for r in val_recs] == [15, 30, 40]
@@ -90,7 +94,7 @@ def test_training_reduces_loss_and_reports_miou(tmp_path, capsys, monkeypatch):
 
     # config.yaml reproduces the run's options
     again = tr.parse_config(["--config", str(tmp_path / "config.yaml")])
-    skip = set(tr._NOT_SAVED)
+    skip = set(_NOT_SAVED)
     assert {k: v for k, v in vars(again).items() if k not in skip} == \
         {k: list(v) if isinstance(v, tuple) else v for k, v in vars(tr.parse_config(
             [*TINY, "--out-dir", str(tmp_path), "--iters", "40", "--synthetic-train-size", "8", "--num-vis", "2",
@@ -118,9 +122,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for k, v in full["model"].state_dict().items():
         assert torch.equal(v, resumed["model"].state_dict()[k]), k
     strip = [{k: v for k, v in r.items() if k not in ("data_time", "step_time", "memory_mb", "eta_s", "time")}
-             for r in tr.read_log(tmp_path / "full" / "log.jsonl")]
+             for r in read_log(tmp_path / "full" / "log.jsonl")]
     assert strip == [{k: v for k, v in r.items() if k not in ("data_time", "step_time", "memory_mb", "eta_s", "time")}
-                     for r in tr.read_log(tmp_path / "cut" / "log.jsonl")]
+                     for r in read_log(tmp_path / "cut" / "log.jsonl")]
     assert not glob.glob(str(tmp_path / "cut" / "*.tmp*"))
     with pytest.raises(FileNotFoundError, match="nowhere.*checkpoint.pth: checkpoint file not found"):
         run(tmp_path / "nowhere", "--iters", "6", "--resume")
@@ -138,7 +142,7 @@ def test_sigkill_between_checkpoints_then_resume(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": threads})
     try:  # kill it as soon as it has trained past its first checkpoint (iteration 4)
-        while not any(r.get("iter", 0) > 4 for r in tr.read_log(cut / "log.jsonl")):
+        while not any(r.get("iter", 0) > 4 for r in read_log(cut / "log.jsonl")):
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
@@ -166,7 +170,7 @@ def test_sigkill_between_checkpoints_then_resume(tmp_path):
 def test_poly_scheduler_with_warmup_and_its_state():
     cfg = tr.parse_config(["--iters", "10", "--warmup-iters", "3", "--warmup-ratio", "0.25", "--lr", "0.1"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = tr.build_scheduler(opt, cfg)
+    sched = build_scheduler(opt, cfg)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -174,7 +178,7 @@ def test_poly_scheduler_with_warmup_and_its_state():
         sched.step()
         if len(lrs) == 5:  # a scheduler restored from a state dict continues identically
             opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-            sched2 = tr.build_scheduler(opt2, cfg)  # built as the trainer does, then both states loaded
+            sched2 = build_scheduler(opt2, cfg)  # built as the trainer does, then both states loaded
             opt2.load_state_dict(opt.state_dict())
             sched2.load_state_dict(sched.state_dict())
     # warm-up 0.25 -> 1 over 3 iterations (LinearLR), then (1 - t/7)^0.9 over the remaining 7 (PolynomialLR)
@@ -184,7 +188,7 @@ def test_poly_scheduler_with_warmup_and_its_state():
         assert opt2.param_groups[0]["lr"] == lrs[t]
         opt2.step()
         sched2.step()
-    plain = tr.build_scheduler(opt, tr.parse_config(["--iters", "10"]))
+    plain = build_scheduler(opt, tr.parse_config(["--iters", "10"]))
     assert isinstance(plain, torch.optim.lr_scheduler.PolynomialLR)
 
 
@@ -217,7 +221,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    init = tr.build_model(vars(tr.parse_config(TINY)), 6).state_dict()
+    init = build_model(vars(tr.parse_config(TINY)), 6).state_dict()
     for k, v in r0["model"].items():  # gradients were averaged: both ranks hold the same weights
         if "running" not in k and "num_batches" not in k:  # BN statistics are per process (no SyncBN on CPU)
             assert torch.equal(v, r1["model"][k]), k
@@ -227,7 +231,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(torch.load(tmp_path / "checkpoint.pth", weights_only=True)["rng"]) == 2
     # the validation, sharded over the ranks with the confusion matrices summed, is exactly a
     # single-process evaluation of the model rank 0 checkpointed (BN statistics broadcast from rank 0)
-    val = [r for r in tr.read_log(tmp_path / "log.jsonl") if r["type"] == "val"]
+    val = [r for r in read_log(tmp_path / "log.jsonl") if r["type"] == "val"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
     try:
@@ -264,7 +268,7 @@ def test_demo_preset_runs_as_configured(tmp_path, capsys):
 def test_scale_attention_in_trainer_and_evaluator(tmp_path):
     result = run(tmp_path, "--iters", "2", "--scale-attention", "1", "0.75", "--log-interval", "1",
                  "--synthetic-val-size", "1")
-    rec = tr.read_log(tmp_path / "log.jsonl")[0]
+    rec = read_log(tmp_path / "log.jsonl")[0]
     # the extra supervision: each scale's own logits get a loss (weight --scale-loss-weight, 1)
     assert rec["loss"] == pytest.approx(rec["loss_fused"] + rec["loss_pam"] + rec["loss_cam"] + 0.4 * rec["loss_aux"]
                                         + rec["loss_scale1"] + rec["loss_scale0.75"])
