@@ -7,7 +7,7 @@ dtype (tests/conftest.py compare_to_oracle; FLOOR only where the reference is ne
 import pytest
 import torch
 
-from danet_ops import channel_attention, position_attention, reference
+from danet_ops import channel_attention, position_attention, reference, testing
 
 from conftest import FLOOR, cam_inputs, compare_to_oracle, pam_inputs
 
@@ -18,8 +18,7 @@ HALF = [torch.bfloat16, torch.float16]
 
 def _pam(inputs, floor, **kw):
     fn = lambda *t: position_attention(*t, backend="cpu", **kw)      # noqa: E731
-    oracle = lambda *t: reference.position_attention(*t, **kw)       # noqa: E731
-    return compare_to_oracle(fn, oracle, inputs, PAM_NAMES, floor)
+    return testing.compare_pam(fn, inputs, floor, scale=kw.get("scale", 1.0))
 
 
 @pytest.mark.parametrize("lowp", ["0", "1"], ids=["fp32-tiles", "lowp-tiles"])
@@ -56,8 +55,7 @@ def test_pam_lowp_scale_and_nk(monkeypatch, scale):
     k = torch.randn(2, 12, 77, generator=gen).bfloat16()
     v = torch.randn(2, 20, 77, generator=gen).bfloat16()
     fn = lambda *t: position_attention(*t, scale=scale, backend="cpu")      # noqa: E731
-    oracle = lambda *t: reference.position_attention(*t, scale=scale)       # noqa: E731
-    compare_to_oracle(fn, oracle, [q, k, v], ["o", "dq", "dk", "dv"], FLOOR[torch.bfloat16])
+    testing.compare_pam(fn, [q, k, v], FLOOR[torch.bfloat16], scale=scale)
 
 
 def test_pam_lowp_minus_inf_block(monkeypatch):
@@ -72,7 +70,7 @@ def test_pam_lowp_minus_inf_block(monkeypatch):
     assert torch.isfinite(got).all()
     # 2x the bf16 reference's own error (policy), floor: one bf16 rounding of |O| <= max|v|
     bound = max(2 * (own - want).abs().max().item(), FLOOR[torch.bfloat16] * want.abs().max().item())
-    assert (got - want).abs().max().item() <= bound
+    testing.check_bound("o", (got - want).abs().max().item(), bound, "2x-reference")
 
 
 def test_pam_lowp_inference_form_matches_training_form(monkeypatch):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import danet_ops
-from danet_ops import PositionAttention, position_attention, reference
-from conftest import FLOOR, compare_to_oracle, make, max_err, run_with_grads, to64
+from danet_ops import PositionAttention, position_attention, reference, testing
+from conftest import FLOOR, make, max_err, run_with_grads, to64
 
 NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 BACKENDS = ["reference", "cpu"]
@@ -64,8 +64,7 @@ def test_reference_is_the_formula():
 def test_general_op_matches_oracle(case, dtype, backend):
     inputs = general_inputs(*case[:5], dtype=dtype)
     fn = lambda *t: position_attention(*t, scale=case[5], backend=backend)  # noqa: E731
-    ref = lambda *t: reference.position_attention(*t, scale=case[5])        # noqa: E731
-    got, _ = compare_to_oracle(fn, ref, inputs, NAMES, FLOOR[dtype])
+    got, _ = testing.compare_pam(fn, inputs, FLOOR[dtype], scale=case[5])
     assert got.shape == (case[0], case[2], *case[3]) if len(case[3]) == 2 else True
 
 
@@ -75,9 +74,8 @@ def test_general_layouts_and_no_residual(backend):
     q, k, v, x, g = general_inputs(1, 4, 8, (8, 6), (4, 3), layout="channels_last")
     k, v = k.contiguous(), v.contiguous()
     fn = lambda *t: position_attention(*t, scale=0.5, backend=backend)      # noqa: E731
-    ref = lambda *t: reference.position_attention(*t, scale=0.5)            # noqa: E731
-    compare_to_oracle(fn, ref, [q, k, v, x, g], NAMES, FLOOR[torch.float64])
-    compare_to_oracle(fn, ref, [q, k, v, None, None], NAMES, FLOOR[torch.float64])
+    testing.compare_pam(fn, [q, k, v, x, g], FLOOR[torch.float64], scale=0.5)
+    testing.compare_pam(fn, [q, k, v, None, None], FLOOR[torch.float64], scale=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,8 +134,8 @@ def test_attention_map_rows():
     full = torch.softmax(0.5 * torch.einsum("bci,bcj->bij", q.double().flatten(2),
                                              k.double().flatten(2)), dim=-1)
     assert rows.shape == (2, 3, 16) and rows.dtype == torch.float32
-    assert max_err(rows, full[:, index]) < 1e-6          # fp32: a few ulp of the probabilities
-    assert max_err(rows.sum(-1), torch.ones(2, 3)) < 1e-6
+    testing.check_bound("A rows", max_err(rows, full[:, index]), 1e-6, "ulps")  # fp32: a few ulp of P
+    testing.check_bound("row sums", max_err(rows.sum(-1), torch.ones(2, 3)), 1e-6, "ulps")
     assert danet_ops.attention_map(q.double(), k.double(), torch.tensor([3])).dtype == torch.float64
     # Only the asked rows are computed: O(len(index) * Nk) memory. The computation is
     # traced with meta tensors, so nothing of size Nq x Nk can be hiding in it.
