@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from danet_ops import _backends, channel_attention, position_attention
+from danet_ops import backends as _backends, channel_attention, position_attention
 from .conftest import FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
 
 C, CQ = 512, 64
@@ -65,7 +65,7 @@ CASES = list(_cases())
 def _backends_for(op, case):
     dev, dtype, std = case[0], case[1], case[5]
     names = ["reference"] + [b for b in ("cpu", "cuda", "triton")
-                             if _backends.check(b, op, torch.device(dev), dtype)[0]]
+                             if not _backends.get(b).available(torch.device(dev), dtype, op)]
     if op != "pam" or std is not None:
         return names
     peers = ["sdpa"] if (dev != "cpu" or dtype == torch.float32 or FULL) else []

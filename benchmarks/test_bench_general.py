@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from danet_ops import _backends, position_attention
+from danet_ops import backends as _backends, position_attention
 from .conftest import FULL, devices
 from .test_bench_attention import C, CQ, _bench
 
@@ -38,7 +38,7 @@ def _params():
         for H, W in _sizes(dev):
             for kind in KINDS:
                 backends = ["reference", "sdpa"] + [b for b in ("cpu", "cuda", "triton")
-                                                    if _backends.check(b, "pam", torch.device(dev), dtype)[0]]
+                                                    if not _backends.get(b).available(torch.device(dev), dtype, "pam")]
                 for backend in backends:
                     for pas in ("fwdbwd", "fwd"):
                         yield pytest.param(dev, dtype, H, W, kind, backend, pas,

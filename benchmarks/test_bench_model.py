@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from danet_ops import _backends
+from danet_ops import backends as _backends
 from models.danet import DANet
 
 from .conftest import FULL, devices, measure, sync
@@ -35,7 +35,7 @@ def _cases():
         for H, W in sizes:
             for mode, dtype in runs:
                 backends = ["reference"] + [b for b in ("cpu", "cuda", "triton") if all(
-                    _backends.check(b, op, torch.device(dev), dtype)[0] for op in ("pam", "cam"))]
+                    not _backends.get(b).available(torch.device(dev), dtype, op) for op in ("pam", "cam"))]
                 for backend in backends:
                     yield pytest.param(dev, dtype, B, H, W, mode, backend,
                                        id=f"{dev}-{mode}-{str(dtype).split('.')[-1]}-B{B}-{H}x{W}-{backend}")

@@ -1,18 +1,20 @@
-"""danet_ops: fused, memory-efficient DANet position (PAM) and channel (CAM) attention."""
+"""danet_ops: fused, memory-efficient DANet position (PAM) and channel (CAM) attention.
+
+Importing it is cheap: it imports no triton, queries no GPU and compiles nothing. A prebuilt
+danet_ops._C is loaded now (a dlopen); without one the C++ ops are JIT-compiled on the first
+call that needs them. The backends and how one is chosen: danet_ops.backends.
+"""
 __version__ = "0.1.0"
 
-from . import _compiled
-from ._backends import BackendUnavailableError, available_backends
+from . import _compiled_ops
+from .backends import BackendUnavailableError, available_backends
 from .convert import convert_attention
 from .functional import channel_attention, position_attention
 from .maps import attention_map, channel_attention_map
 from .modules import ChannelAttention, PositionAttention
 
-# Register the compiled ops now when a prebuilt library exists (a cheap dlopen); a missing one
-# is JIT-compiled lazily, on the first call that needs it.
-if _compiled.prebuilt_present():
-    _compiled.load()
-_compiled._register_export()  # ONNX lowering of the ops (danet_ops/_export.py)
+_compiled_ops.load(build=False)
+_compiled_ops.register_export()  # ONNX lowerings of the ops registered so far (Triton's too)
 
 __all__ = [
     "PositionAttention", "ChannelAttention", "position_attention", "channel_attention",

@@ -1,4 +1,4 @@
-"""The op contract in one place: size limits, CAM modes, the output-dtype rule (SPEC §1-§5).
+"""The op contract in one place: size limits, CAM modes, the dtype rules.
 
 Python (validation, modules, fake kernels, Triton hosts) imports it; the C++/CUDA sources get the
 same numbers from csrc/contract.h, which is generated from this file

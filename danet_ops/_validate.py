@@ -1,4 +1,6 @@
-"""Input checks of SPEC §5, run before any kernel: each error names the argument and what was seen."""
+"""Input checks, run before any kernel: wrong rank, mismatched shapes, Cq / Cv out of range, a
+device mismatch, an unsupported dtype, and a backend's own limits. Each error names the
+argument and the shapes or dtypes seen."""
 import math
 
 import torch

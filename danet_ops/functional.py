@@ -1,12 +1,6 @@
-"""position_attention / channel_attention (SPEC §3): validate, choose a backend, call its op."""
-from . import _backends, _compiled, _validate, reference
-
-
-def _backend_ops(name):
-    if name in ("cpu", "cuda"):
-        return _compiled
-    from . import _triton
-    return _triton
+"""position_attention / channel_attention: validate, choose a backend (danet_ops.backends),
+call its op entry point."""
+from . import _validate, backends, reference
 
 
 def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
@@ -21,11 +15,11 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
     scale = _validate.check_scale(scale)
     B, _, Cv, Nq, Nk = _validate.check_pam(q, k, v, x, gamma)
     gamma = _validate.as_gamma(gamma, v)
-    name = _backends.resolve(backend, "pam", q.device, q.dtype)
+    name = backends.resolve(backend, "pam", q.device, q.dtype)
     if name == "reference" or B == 0 or Nq == 0 or Nk == 0:
         return reference.position_attention(q, k, v, x, gamma, scale)
     # [B, C, H, W] -> [B, C, N]: a view for contiguous and channels_last layouts.
-    o, _, y = _backend_ops(name).pam_forward(
+    o, _, y = backends.get(name).pam_forward(
         q.flatten(2), k.flatten(2), v.flatten(2), None if x is None else x.flatten(2), gamma, scale)
     # The fused ops keep O in the compute dtype (fp32 for fp16/bf16: the backward's Delta reads
     # it unrounded); the caller gets v's dtype, as from the reference.
@@ -41,9 +35,9 @@ def channel_attention(x, gamma=None, mode="original", backend="auto"):
     """
     B, _, N = _validate.check_cam(x, gamma, mode)
     gamma = _validate.as_gamma(gamma, x)
-    name = _backends.resolve(backend, "cam", x.device, x.dtype)
+    name = backends.resolve(backend, "cam", x.device, x.dtype)
     _validate.check_backend_limits(name, "cam", x.shape)
     if name == "reference" or B == 0 or N == 0:
         return reference.channel_attention(x, gamma, mode)
-    o, _, y = _backend_ops(name).cam_forward(x.flatten(2), gamma, mode)
+    o, _, y = backends.get(name).cam_forward(x.flatten(2), gamma, mode)
     return (o if gamma is None else y).view(x.shape)

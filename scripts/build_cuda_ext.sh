@@ -139,9 +139,9 @@ SO=$STAGE/danet_ops/$SO_NAME
 # --- 3. the kernel check
 (cd "$STAGE" && "$PY" - <<'PY'
 import torch
-from danet_ops import _compiled
-assert _compiled.load(), _compiled.error()
-print(f"[build_cuda_ext] loaded: {_compiled._state['how']}")
+from danet_ops import _compiled_ops, _extension
+assert _compiled_ops.load(), _extension.error()
+print(f"[build_cuda_ext] loaded: {_extension.how()}")
 missing = []
 for op in ("pam_forward", "pam_backward", "cam_forward", "cam_backward"):
     keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"danet_ops::{op}", k)]

@@ -113,9 +113,9 @@ stage() {
 so_ok() {
   "$PY" - <<'PY'
 import sys
-from danet_ops import _compiled
-ok = _compiled.load() and _compiled.has_kernel("pam", "cuda") and _compiled.has_kernel("cam", "cuda")
-print("[so] danet_ops._C:", _compiled._state["how"] or _compiled.error(), "| CUDA kernels:", bool(ok))
+from danet_ops import _compiled_ops, _extension
+ok = _compiled_ops.load() and not any(_compiled_ops.unavailable(op, "cuda") for op in ("pam", "cam"))
+print("[so] danet_ops._C:", _extension.status(), "| CUDA kernels:", bool(ok))
 sys.exit(0 if ok else 1)
 PY
 }
@@ -144,7 +144,7 @@ stage_a() {
 import os, platform, time
 import torch
 import danet_ops
-from danet_ops import _backends, _compiled, channel_attention, position_attention, reference
+from danet_ops import _compiled_ops, _extension, channel_attention, position_attention, reference
 
 dry = os.environ["GPU_CHECK_DRY"] == "1"
 dev = torch.device("cpu" if dry else "cuda")
@@ -157,7 +157,7 @@ print(f"python {platform.python_version()} torch {torch.__version__} (CUDA {torc
 if dev.type == "cuda":
     p = torch.cuda.get_device_properties(0)
     print(f"GPU {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
-print("C++ ops:", _compiled.load(), _compiled._state["how"] or _compiled.error())
+print("C++ ops:", _compiled_ops.load(), _extension.status())
 dtype = torch.float32 if dry else torch.bfloat16
 lines = [f"\n### a. smoke ({dev.type}, {str(dtype)[6:]}): max error / bound vs the float64 oracle\n",
          "bound = max(2 x the reference's own error in this dtype, floor x max|oracle|)\n",
@@ -165,8 +165,7 @@ lines = [f"\n### a. smoke ({dev.type}, {str(dtype)[6:]}): max error / bound vs t
 avail = {}
 for op in ("pam", "cam"):
     for dt in (torch.float32, torch.bfloat16):
-        av = danet_ops.available_backends(dev, dt, op) if hasattr(danet_ops, "available_backends") \
-            else _backends.available_backends(dev, dt, op)
+        av = danet_ops.available_backends(dev, dt, op)
         for name, (ok, why) in av.items():
             print(f"  {op} {str(dt)[6:]:8} {name:9} {'available' if ok else 'no: ' + why}")
         avail[op, dt] = [n for n, (ok, _) in av.items() if ok and n != "reference"]

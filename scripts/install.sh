@@ -23,7 +23,7 @@ echo "[install] extras ${EXTRAS}: ${REQS[*]}"
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" - <<'PY'
 import torch, danet_ops
-from danet_ops import _compiled
+from danet_ops import _extension
 print(f"[install] torch {torch.__version__}, danet_ops {danet_ops.__version__}, "
-      f"C++ ops: {_compiled._state['how'] or _compiled.error()}")
+      f"C++ ops: {_extension.status()}")
 PY

@@ -198,7 +198,7 @@ def backend_params(*ids):
 
 def device_for(backend_id, op="pam", dtype=torch.float32):
     """(backend name, device) for a backend id, or skip with the reason this process cannot run it."""
-    from danet_ops import _backends
+    from danet_ops import backends
     name, dev = BACKENDS[backend_id][:2]
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -207,8 +207,8 @@ def device_for(backend_id, op="pam", dtype=torch.float32):
         if _triton.interpreting() != (dev == "cpu"):
             pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 at import (pytest -m interpreter)"
                         if dev == "cpu" else "this process interprets Triton; CUDA needs compiled kernels")
-    ok, why = _backends.check(name, op, torch.device(dev), dtype)
-    if not ok:
+    why = backends.get(name).available(torch.device(dev), dtype, op)
+    if why:
         pytest.skip(f"backend {name!r} unavailable here: {why}")
     return name, torch.device(dev)
 

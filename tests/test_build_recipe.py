@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from danet_ops import _compiled
+from danet_ops import _extension
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = json.loads((ROOT / "csrc" / "build_flags.json").read_text())
-READERS = ["setup.py", "danet_ops/_compiled.py", "CMakeLists.txt", "tests/test_cuda_compile.py"]
+READERS = ["setup.py", "danet_ops/_extension.py", "CMakeLists.txt", "tests/test_cuda_compile.py"]
 
 
 @pytest.mark.parametrize("path", READERS)
@@ -30,8 +30,8 @@ def test_jit_build_uses_the_recipe_and_warns(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(kw))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _compiled._jit_build()
-    assert any(issubclass(x.category, _compiled.JitBuildWarning) for x in w)
+        _extension.jit_build()
+    assert any(issubclass(x.category, _extension.JitBuildWarning) for x in w)
     assert seen["extra_cflags"][:len(FLAGS["cxx"])] == FLAGS["cxx"]
     assert seen["extra_cuda_cflags"] == FLAGS["nvcc"] + ["-D" + FLAGS["cuda_define"]]
     assert seen["extra_ldflags"] == FLAGS["ldflags"]

@@ -56,9 +56,10 @@ def test_cam_modes_and_channel_cap(backend_id):
 
 def test_cam_cap_is_checked_before_the_kernel(monkeypatch):
     # The CUDA cap logic, exercised on CPU: resolve as if the chosen backend were "cuda".
-    from danet_ops import _backends as B, _compiled
-    monkeypatch.setattr(B, "resolve", lambda *a, **k: "cuda")
-    monkeypatch.setattr(_compiled, "cam_forward", lambda *a: (_ for _ in ()).throw(AssertionError))
+    from danet_ops import backends
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: "cuda")
+    monkeypatch.setattr(backends.get("cuda"), "cam_forward",
+                        lambda *a: (_ for _ in ()).throw(AssertionError))
     cap = _contract.CAM_C_MAX["cuda"]
     with pytest.raises(ValueError, match=f"C = {cap + 1} exceeds the 'cuda' backend's limit"):
         channel_attention(torch.zeros(1, cap + 1, 1))

@@ -9,7 +9,7 @@ DANET_OPS_TEST_GPU_ON_CPU=1 (conftest.GPU_ON_CPU): the same test bodies run on C
 the ops danet_ops_emu::* standing in for danet_ops::pam_forward etc. They call the real
 csrc/cuda launchers and kernels through the host emulator of tests/cuda_emu (the one
 test_cuda_emu.py uses), and position_attention / channel_attention(backend="cuda") reach them
-through the package's own validation, flattening and registered autograd (danet_ops._meta).
+through the package's own validation, flattening and registered autograd (danet_ops._fake_and_autograd).
 Shapes are shrunk by _gpu_shape. So every argument the tests build goes through the kernels'
 logic here; what the emulator cannot show (hardware semantics, races, speed: tests/cuda_emu/
 README.md) and the binding's own argument checks (C++; test_bad_inputs_raise_before_launch
@@ -54,7 +54,7 @@ if GPU_ON_CPU:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
     import emu_api as E  # noqa: E402
     sys.path.pop(0)
-    from danet_ops import _meta
+    from danet_ops import _fake_and_autograd
 
     _EMU = {}
 
@@ -101,7 +101,7 @@ if GPU_ON_CPU:
               f"pam_forward: q [B, Cq, Nq], k [B, Cq, Nk], v [B, Cv, Nk]; got {q.shape}, {k.shape}, {v.shape}")
         _need(x is None or x.shape == (B, v.shape[1], N), "pam_forward: x must be [B, Cv, Nq]")
         if B == 0 or N == 0 or Nk == 0:
-            return _meta.pam_forward_fake(q, k, v, x, gamma, scale)
+            return _fake_and_autograd.pam_forward_fake(q, k, v, x, gamma, scale)
         _emu_lib()
         o, lse, y = E.pam_forward(q, k, v, x, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
                                   scale=scale)
@@ -115,7 +115,7 @@ if GPU_ON_CPU:
         _need(dy.shape == o.shape == out_shape and lse.shape == (q.shape[0], q.shape[2]),
               f"pam_backward: dy, o must be [B, Cv, Nq], lse [B, Nq]; got {dy.shape}, {o.shape}, {lse.shape}")
         if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
-            dq, dk, dv, dg = _meta.pam_backward_fake(dy, q, k, v, o, lse, gamma, scale)
+            dq, dk, dv, dg = _fake_and_autograd.pam_backward_fake(dy, q, k, v, o, lse, gamma, scale)
             return dq.zero_(), dk.zero_(), dv.zero_(), dg.zero_()
         _emu_lib()
         return E.pam_backward(dy, q, k, v, o, lse, gamma, tf32=torch.backends.cuda.matmul.allow_tf32,
@@ -126,7 +126,7 @@ if GPU_ON_CPU:
         _dims3("cam_forward", x=x)
         _need(mode in ("original", "paper"), f"cam_forward: mode must be 'original' or 'paper'; got '{mode}'")
         if x.shape[0] == 0:   # the binding returns early for B = 0 only: N = 0 runs the kernels
-            return _meta.cam_forward_fake(x, gamma, mode)
+            return _fake_and_autograd.cam_forward_fake(x, gamma, mode)
         _emu_lib()
         o, attn, y = E.cam_forward(x, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
         return o, attn, (x.new_empty((0,)) if y is None else y)
@@ -138,23 +138,19 @@ if GPU_ON_CPU:
         _need(dy.shape == x.shape == o.shape and attn.shape == (x.shape[0], x.shape[1], x.shape[1]),
               f"cam_backward: dy, o must be x's shape, attn [B, C, C]; got {dy.shape}, {o.shape}, {attn.shape}")
         if x.shape[0] == 0 or x.shape[2] == 0:
-            dx, dg = _meta.cam_backward_fake(dy, x, attn, o, gamma, mode)
+            dx, dg = _fake_and_autograd.cam_backward_fake(dy, x, attn, o, gamma, mode)
             return dx.zero_(), dg.zero_()
         _emu_lib()
         return E.cam_backward(dy, x, attn, o, gamma, mode == "paper", torch.backends.cuda.matmul.allow_tf32)
 
     # O in fp32 for fp16/bf16 inputs, as the binding returns it (pam_binding.cpp)
-    _meta.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward")
-    _meta.register_cam("danet_ops_emu::cam_forward", "danet_ops_emu::cam_backward")
+    _fake_and_autograd.register_pam("danet_ops_emu::pam_forward", "danet_ops_emu::pam_backward")
+    _fake_and_autograd.register_cam("danet_ops_emu::cam_forward", "danet_ops_emu::cam_backward")
     ops = torch.ops.danet_ops_emu
 
-    def _emu_backend_pam_forward(q, k, v, x, gamma, scale=1.0):  # as _compiled.pam_forward
+    def _emu_backend_pam_forward(q, k, v, x, gamma, scale=1.0):  # the "cuda" backend's entry point
         o, lse, y = ops.pam_forward(q, k, v, x, gamma, float(scale))
         return (o if o.dtype == v.dtype else o.to(v.dtype)), lse, y
-
-    class _EmuBackend:  # what danet_ops.functional calls for backend "cuda"
-        pam_forward = staticmethod(_emu_backend_pam_forward)
-        cam_forward = staticmethod(lambda x, gamma, mode: ops.cam_forward(x, gamma, mode))
 else:
     ops = torch.ops.danet_ops
 
@@ -162,26 +158,19 @@ else:
 @pytest.fixture
 def dev(no_tf32, monkeypatch):
     if GPU_ON_CPU:
-        from danet_ops import _backends, functional
-        check, backend_ops = _backends.check, functional._backend_ops
-
-        def emu_check(backend, op, device, dtype):
-            if backend == "cuda" and device.type == "cpu":
-                if dtype == torch.float64:
-                    return False, "backend 'cuda' supports float32, float16 and bfloat16, not float64"
-                return True, ""
-            return check(backend, op, device, dtype)
-
-        monkeypatch.setattr(_backends, "check", emu_check)
-        monkeypatch.setattr(functional, "_backend_ops",
-                            lambda name: _EmuBackend if name == "cuda" else backend_ops(name))
+        from danet_ops import backends
+        cuda = backends.get("cuda")   # backend "cuda" runs the emulated ops on CPU tensors
+        monkeypatch.setattr(cuda, "devices", ("cuda", "cpu"))
+        monkeypatch.setattr(cuda, "check", lambda device, dtype, op: "")
+        monkeypatch.setattr(cuda, "pam_forward", _emu_backend_pam_forward)
+        monkeypatch.setattr(cuda, "cam_forward", lambda x, gamma, mode: ops.cam_forward(x, gamma, mode))
         _emu_lib()
         return torch.device("cpu")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from danet_ops import _backends
-    ok, why = _backends.check("cuda", "pam", torch.device("cuda"), torch.float32)
-    if not ok:
+    from danet_ops import backends
+    why = backends.get("cuda").available(torch.device("cuda"), torch.float32, "pam")
+    if why:
         if os.environ.get("DANET_OPS_REQUIRE_CUDA") == "1":
             pytest.fail(f"backend 'cuda' unavailable on a GPU machine: {why}")
         pytest.skip(f"backend 'cuda' unavailable: {why}")

@@ -383,14 +383,14 @@ def test_module_rejects_zero_query_channels():
 
 
 def test_auto_picks_fused_cpu_and_env_override(monkeypatch):
-    from danet_ops import _backends
+    from danet_ops import backends
     cpu = torch.device("cpu")
-    assert _backends.resolve("auto", "pam", cpu, torch.float32) == "cpu"
+    assert backends.resolve("auto", "pam", cpu, torch.float32) == "cpu"
     monkeypatch.setenv("DANET_OPS_BACKEND", "reference")
-    assert _backends.resolve("auto", "pam", cpu, torch.float32) == "reference"
+    assert backends.resolve("auto", "pam", cpu, torch.float32) == "reference"
     monkeypatch.setenv("DANET_OPS_BACKEND", "cuda")
     with pytest.raises(danet_ops.BackendUnavailableError, match="CUDA tensors"):
-        _backends.resolve("auto", "pam", cpu, torch.float32)
+        backends.resolve("auto", "pam", cpu, torch.float32)
 
 
 # ----------------------------------------------------------------------------- general op memory

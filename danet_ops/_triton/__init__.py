@@ -1,6 +1,6 @@
 """Backend "triton": Triton kernels for PAM and CAM, registered as danet_ops::*_triton ops.
 
-Interface used by danet_ops._backends / functional: `available() -> (bool, reason)`,
+Interface used by danet_ops.backends: `available() -> (bool, reason)`,
 `pam_forward(q, k, v, x, gamma, scale=1.0)` and `cam_forward(x, gamma, mode)` with the schemas of
 docs/ARCHITECTURE.md. Importing this package registers the ops (ops.py) without importing
 triton; triton is imported by `available()` (once, cached) or by the first kernel launch.
@@ -19,7 +19,7 @@ __all__ = ["available", "interpreting", "pam_forward", "cam_forward"]
 def available():
     """(True, "") when Triton can run the ops in this process, else (False, why).
 
-    The caller (danet_ops._backends) checks the device and dtype; this checks that triton
+    The caller (danet_ops.backends) checks the device and dtype; this checks that triton
     imports, and that TRITON_INTERPRET=1 (needed for CPU tensors) was already set when triton
     was imported: the interpreter is chosen once per process at that moment.
     """

@@ -1,8 +1,8 @@
 """The four ops of backend "triton", danet_ops::*_triton (schemas: docs/ARCHITECTURE.md).
 
 Registration: torch.library.custom_op whose implementation launches the Triton kernels, with
-the shared fake kernels and autograd formula of danet_ops._meta. torch.compile treats the op
-as opaque (it traces the fake kernel and calls the op at run time), which works the same in
+the shared fake kernels and autograd formula of danet_ops._fake_and_autograd. torch.compile
+treats the op as opaque (it traces the fake kernel and calls the op at run time), which works the same in
 compiled mode on a GPU and under TRITON_INTERPRET=1 on CPU. triton_op + wrap_triton would let
 Inductor see the kernels, but under the interpreter torch.compile then traces the kernel with
 fake tensors and fails, and it would buy nothing here: each op is already one fused launch
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _meta
+from .. import _fake_and_autograd
 
 PAM_FORWARD = "danet_ops::pam_forward_triton"
 PAM_BACKWARD = "danet_ops::pam_backward_triton"
@@ -65,5 +65,5 @@ def cam_backward_triton(dy: Tensor, x: Tensor, attn: Tensor, o: Tensor, gamma: O
     return _kernels("cam").backward(dy, x, attn, o, gamma, mode)
 
 
-_meta.register_pam(PAM_FORWARD, PAM_BACKWARD)
-_meta.register_cam(CAM_FORWARD, CAM_BACKWARD)
+_fake_and_autograd.register_pam(PAM_FORWARD, PAM_BACKWARD)
+_fake_and_autograd.register_cam(CAM_FORWARD, CAM_BACKWARD)

@@ -1,8 +1,12 @@
-"""Shape (fake) functions and autograd glue shared by every backend's ops.
+"""Fake kernels and autograd formulas shared by every backend's ops (no kernels, no Meta-key
+implementations: torch.library fakes, which torch.compile, torch.export and opcheck trace).
 
-Each backend defines the same four ops (docs/ARCHITECTURE.md) under its own names; this module
-registers for a family of names the fake kernels (so torch.compile / opcheck can trace them) and
-the autograd formula (forward op -> explicit backward op). It holds no kernels itself.
+Each fused backend defines the same four ops (pam_forward, pam_backward, cam_forward,
+cam_backward; schemas in docs/ARCHITECTURE.md) under its own names. `register_pam` /
+`register_cam` register, for one family of names, the fake kernels and the autograd formula
+(forward op -> the explicit backward op, which itself refuses double backward);
+`register_inference` the fakes of the CPU inference forms. The output shapes and dtypes follow
+danet_ops._contract.
 """
 import torch
 
@@ -107,24 +111,24 @@ def _register_backward_op(backward_name):
                                     setup_context=lambda ctx, inputs, output: None)
 
 
+def _register(forward_name, backward_name, forward_fake, backward_fake, autograd, setup_context):
+    torch.library.register_fake(forward_name)(forward_fake)
+    torch.library.register_fake(backward_name)(backward_fake)
+    torch.library.register_autograd(forward_name, autograd(_op(backward_name)),
+                                    setup_context=setup_context)
+    _register_backward_op(backward_name)
+
+
 def register_pam(forward_name, backward_name):
     """Fake kernels + autograd for a (forward, backward) pair of PAM ops, e.g.
     ("danet_ops::pam_forward", "danet_ops::pam_backward")."""
-    torch.library.register_fake(forward_name)(pam_forward_fake)
-    torch.library.register_fake(backward_name)(pam_backward_fake)
-    backward_op = _op(backward_name)
-    torch.library.register_autograd(forward_name, _pam_autograd(backward_op),
-                                    setup_context=_pam_setup_context)
-    _register_backward_op(backward_name)
+    _register(forward_name, backward_name, pam_forward_fake, pam_backward_fake, _pam_autograd,
+              _pam_setup_context)
 
 
 def register_cam(forward_name, backward_name):
-    torch.library.register_fake(forward_name)(cam_forward_fake)
-    torch.library.register_fake(backward_name)(cam_backward_fake)
-    backward_op = _op(backward_name)
-    torch.library.register_autograd(forward_name, _cam_autograd(backward_op),
-                                    setup_context=_cam_setup_context)
-    _register_backward_op(backward_name)
+    _register(forward_name, backward_name, cam_forward_fake, cam_backward_fake, _cam_autograd,
+              _cam_setup_context)
 
 
 def pam_forward_inference_fake(q, k, v, x, gamma, scale=1.0):
