@@ -26,6 +26,7 @@ INFERENCE_OPS = {"pam_forward_inference": "danet_ops::pam_forward_inference",
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _lock = threading.Lock()
 _registered = {}
+_has_kernel = {}    # (op, device type) -> bool, asked of the dispatcher once the library is loaded
 
 
 def load(build=True):
@@ -43,6 +44,11 @@ def load(build=True):
                                                       INFERENCE_OPS["cam_forward_inference"])
             register_export()
     return True
+
+
+def ready():
+    """Whether the library is loaded and its ops registered."""
+    return bool(_registered)
 
 
 def register_export():
@@ -64,7 +70,8 @@ def unavailable(op, device_type):
     not. A prebuilt library is loaded (a dlopen); a missing one is not built: the answer is ""
     when the JIT build will give this kernel on first use."""
     what = "the CUDA kernels" if device_type == "cuda" else "the C++ ops"
-    load(build=False)
+    if not _registered:
+        load(build=False)
     if not _extension.loaded():
         why = _extension.unavailable()
         if why:
@@ -73,7 +80,11 @@ def unavailable(op, device_type):
             return (f"{what} are not available (no prebuilt danet_ops._C, and a JIT build here "
                     "would have no CUDA kernels: it needs a CUDA build of torch and nvcc)")
         return ""
-    if torch._C._dispatch_has_kernel_for_dispatch_key(OPS[f"{op}_forward"], _DISPATCH_KEY[device_type]):
+    key = (op, device_type)
+    if key not in _has_kernel:
+        _has_kernel[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            OPS[f"{op}_forward"], _DISPATCH_KEY[device_type])
+    if _has_kernel[key]:
         return ""
     if device_type == "cuda":
         return f"{what} are not available (danet_ops._C was built without CUDA kernels)"

@@ -39,6 +39,10 @@ def _nothing(*args):
     return ""
 
 
+def _ready_already():
+    return False
+
+
 @dataclasses.dataclass(eq=False)
 class Backend:
     """One backend.
@@ -67,8 +71,10 @@ class Backend:
     describe(device, dtype, op) -> str:
                what runs when it can (how the C++ library came, the CPU kernel path and ISA,
                Triton compiled or interpreted), "" when nothing to add. Builds nothing.
-    prepare(): make it ready for a call; for "cpu" / "cuda" this loads danet_ops._C and, when
-               there is no prebuilt library, JIT-compiles it (about a minute, once).
+    prepare() -> bool:
+               make it ready for a call; for "cpu" / "cuda" this loads danet_ops._C and, when
+               there is no prebuilt library, JIT-compiles it (about a minute, once). True when
+               it loaded or built something just now (`available` may answer otherwise after).
     """
 
     name: str
@@ -78,7 +84,7 @@ class Backend:
     interpreted: tuple = ()
     check: Callable = _nothing
     describe: Callable = _nothing
-    prepare: Callable = _nothing
+    prepare: Callable = _ready_already
     ops: dict = dataclasses.field(default_factory=dict)
     pam_forward: Optional[Callable] = None
     cam_forward: Optional[Callable] = None
@@ -86,7 +92,8 @@ class Backend:
     def available(self, device, dtype=torch.float32, op="pam"):
         """"" when this backend can run `op` ("pam" | "cam") on `device` / `dtype` tensors, else
         why not. Never compiles anything (see the module's docstring)."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         if self.devices and device.type not in self.devices:
             return (f"backend {self.name!r} runs on {self.devices[0].upper()} tensors; these are "
                     f"on {device}")
@@ -121,7 +128,10 @@ def _compiled_describe(device, dtype, op):
 
 
 def _prepare_compiled():
+    if _compiled_ops.ready():
+        return False
     _compiled_ops.load(build=True)
+    return True
 
 
 def _triton():
@@ -197,8 +207,7 @@ def op_names(entry):
 def _ready(backend, op, device, dtype):
     """"" when `backend` runs this call, after preparing it (which may JIT-build the C++ ops)."""
     why = backend.available(device, dtype, op)
-    if not why:
-        backend.prepare()
+    if not why and backend.prepare():
         why = backend.available(device, dtype, op)
     return why
 
