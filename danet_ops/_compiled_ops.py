@@ -35,14 +35,17 @@ def load(build=True):
     if not _extension.load(build):
         return False
     with _lock:
-        if not _registered:
+        now = not _registered
+        if now:
             _fake_and_autograd.register_pam(OPS["pam_forward"], OPS["pam_backward"])
             _fake_and_autograd.register_cam(OPS["cam_forward"], OPS["cam_backward"])
-            _registered["inference"] = _has_inference_ops()
-            if _registered["inference"]:
+            inference = _has_inference_ops()
+            if inference:
                 _fake_and_autograd.register_inference(INFERENCE_OPS["pam_forward_inference"],
                                                       INFERENCE_OPS["cam_forward_inference"])
-            register_export()
+            _registered["inference"] = inference
+    if now:
+        register_export()       # outside the lock: the lowering may ask the backends
     return True
 
 

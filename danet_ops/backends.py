@@ -1,13 +1,14 @@
 """The backends, one object each, in one registry: what each runs on, whether it can run a
-call, and its op entry points. Everything that needs "which backends are there" iterates
-REGISTRY: the backend choice of `position_attention` / `channel_attention` (`resolve`),
-`danet_ops.available_backends()`, the ONNX lowering, the tests, the benchmarks and the GPU
-proof.
+call, and its op entry points. The backend choice of `position_attention` /
+`channel_attention` (`resolve`) and `danet_ops.available_backends()` iterate REGISTRY, and so
+does whatever else needs "which backends are there" (the tests' backend matrix and opcheck, the
+benchmarks, the GPU proof; `op_names` gives the ONNX lowering the ops to lower).
 
-    REGISTRY["reference"]  the released code's naive bmm computation (danet_ops.reference); any device
-    REGISTRY["cpu"]        fused C++ ops of csrc/cpu (danet_ops._compiled_ops)
-    REGISTRY["cuda"]       fused CUDA ops of csrc/cuda, the same ops' CUDA kernels (danet_ops._compiled_ops)
-    REGISTRY["triton"]     fused Triton kernels (danet_ops._triton); CPU tensors only under TRITON_INTERPRET=1
+    "reference"  the released code's naive bmm computation (danet_ops.reference); any device
+    "cpu"        fused C++ ops of csrc/cpu (danet_ops._compiled_ops); CPU tensors
+    "cuda"       the same ops' CUDA kernels, csrc/cuda (danet_ops._compiled_ops); CUDA tensors
+    "triton"     fused Triton kernels (danet_ops._triton); CUDA tensors, and CPU tensors under
+                 TRITON_INTERPRET=1 (tests)
 
 "auto" picks, for the tensor's device, the first backend of AUTO_ORDER that can run the call:
   CPU tensors  -> "cpu" (fused C++), else "reference"
