@@ -81,9 +81,9 @@ def test_half_inputs_match_oracle(backend, shape, dtype):
 @pytest.mark.parametrize("backend", backend_params("triton-interp"))
 def test_triton_interp_bf16_upcast_path(backend):
     # The interpreter's bf16 tl.dot is wrong; the kernels upcast bf16 tiles there (f32_dot).
-    from danet_ops._triton import _common
+    from danet_ops._triton import _runtime
     device_for(backend, "pam", torch.bfloat16)
-    assert _common.f32_dot(torch.bfloat16) and not _common.f32_dot(torch.float16)
+    assert _runtime.f32_dot(torch.bfloat16) and not _runtime.f32_dot(torch.float16)
 
 
 LAYOUT_CASES = [(layout, shape) for shape in [(2, 8, 24, 11, 9), (2, 4, 20, 5, 7)]

@@ -1,8 +1,9 @@
-"""Backend "triton", what is Triton's own: op registration and schemas, lazy import, the sm90
-offline compile (no spills), the host code's copies, the general op's lse, the CAM split
-reduction, opcheck and torch.compile, and the GPU checks (autotuning, TF32, determinism). The
-op-vs-oracle cases of PAM and CAM run on every backend, triton included, in test_pam.py and
-test_cam.py.
+"""Backend "triton", what is Triton's own: op registration and schemas, lazy import (and import
+without triton), the autotune pruner, the offline sm_90 / sm_80 compile (shared memory, the
+matrix instruction in the SASS, no spills on sm_90), the host code's copies, the general op's
+lse, the CAM split reduction, opcheck and torch.compile, and the GPU checks (autotuning, TF32,
+determinism). The op-vs-oracle cases of PAM and CAM run on every backend, triton included, in
+test_pam.py and test_cam.py.
 
 Triton decides once per process, when it is first imported, whether kernels are interpreted
 (TRITON_INTERPRET=1 at that moment) or compiled. Tests marked `interpreter` run on CPU tensors
@@ -12,6 +13,7 @@ normal one (conftest.pytest_collection_modifyitems).
 """
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
                        position_attention, reference)
 from danet_ops import _triton
 from danet_ops._contract import stats_dtype
-from danet_ops._triton import _common
+from danet_ops._triton import _runtime
 import conftest
 from conftest import (PAM_NAMES, TRITON_FLOOR, assert_close_to_oracle, compare_cam, compare_pam,
                       compare_to_oracle, floor, make, max_err, pam_inputs, run_with_grads, tf32,
@@ -54,16 +56,16 @@ def test_dot_precision_policy():
     try:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert _common.dot_precision(torch.float32) == "ieee"
+        assert _runtime.dot_precision(torch.float32) == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert _common.dot_precision(torch.float32) == "tf32"
+        assert _runtime.dot_precision(torch.float32) == "tf32"
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert _common.dot_precision(torch.float32) == "tf32"
+        assert _runtime.dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(prev[0])
         torch.backends.cuda.matmul.allow_tf32 = prev[1]
-    assert _common.dot_precision(torch.float16) == _common.dot_precision(torch.bfloat16) == "tf32"
+    assert _runtime.dot_precision(torch.float16) == _runtime.dot_precision(torch.bfloat16) == "tf32"
 
 
 def test_ops_registered_with_the_architecture_schemas():
@@ -81,9 +83,9 @@ def test_import_is_lazy_and_never_touches_the_gpu():
     # Importing the package and asking available() must not load the kernel modules nor
     # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
     code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
-            "assert not {'danet_ops._triton.pam_kernels', 'danet_ops._triton.cam_kernels', "
-            "'danet_ops._triton._common_kernels'} & set(sys.modules); "
-            "assert 'danet_ops._triton.pam' not in sys.modules; "
+            "assert not {'danet_ops._triton.pam', 'danet_ops._triton.cam', "
+            "'danet_ops._triton.rowdot', 'danet_ops._triton._jit', "
+            "'danet_ops._triton._autotune'} & set(sys.modules); "
             "assert not torch.cuda.is_initialized(); print(ok)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -104,49 +106,93 @@ def test_cpu_tensors_without_interpreter_are_refused():
         ops.cam_forward_triton(q, None, "paper")
 
 
+def test_danet_ops_imports_and_says_why_without_triton():
+    # The package and the op registration are triton-free: with triton unimportable, import
+    # danet_ops works, available() says why, and a call of a *_triton op raises that reason.
+    code = ("import sys; sys.modules['triton'] = None; import torch, danet_ops; "
+            "from danet_ops import _triton as t; ok, why = t.available(); "
+            "assert not ok and 'Triton could not be imported' in why, why; "
+            "q = torch.randn(1, 2, 4)\n"
+            "try:\n    torch.ops.danet_ops.pam_forward_triton(q, q, q, None, None)\n"
+            "except RuntimeError as e:\n    assert 'need Triton' in str(e), e\n"
+            "else:\n    raise AssertionError('no error')\n"
+            "assert 'danet_ops._triton.pam' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- autotune tables
+def _tuned_specs():
+    from danet_ops._triton import cam, pam
+    return (pam.FWD, pam.BWD_DKDV, pam.BWD_DQ, cam.MM_NT_PARTIAL, cam.APPLY, cam.BWD_DX)
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm{a}")
+def test_autotune_pruner_keeps_one_group_and_the_tiles_that_fit(arch):
+    # Per call the pruner keeps the IEEE group (fp32 operands, exact dots) or the arch group,
+    # never both, and only candidates whose shared-memory estimate fits the device; on a problem
+    # smaller than every tile it keeps the one candidate of least shared memory.
+    from danet_ops._triton._autotune import IEEE
+    limit = SMEM_LIMIT[arch]
+    for spec in _tuned_specs():
+        has_ieee = any(t.group == IEEE for t in spec.tiles)
+        candidates = spec.candidates((arch // 10, arch % 10))
+        prune = spec.pruner(limit)
+
+        def listed_in(group):
+            """The candidates that the table lists in `group` (by their launch parameters)."""
+            rows = {(t.meta, t.num_warps, t.num_stages) for t in spec.tiles if t.group == group}
+            return [c for c in candidates
+                    if (tuple(c.kwargs[n] for n in spec.names), c.num_warps, c.num_stages) in rows]
+
+        def smem(cfg, args):
+            return spec.smem(cfg.kwargs, cfg.num_stages, {**args, "elt": args[spec.operand].element_size()})
+
+        for dtype, prec in [(torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")]:
+            args = {spec.operand: torch.empty(0, dtype=dtype), "CQ_P": 64, "BLOCK_CV": 128,
+                    **{dim: 4096 for dim in spec.dims}}
+            kept = prune(candidates, args, PREC=prec)
+            want = IEEE if (prec == "ieee" and has_ieee) else f"sm{arch}"
+            assert kept and all(c in listed_in(want) for c in kept), (spec.kernel.__name__, dtype, prec)
+            assert all(smem(c, args) <= limit for c in kept), (spec.kernel.__name__, dtype, prec)
+        tiny = {spec.operand: torch.empty(0, dtype=torch.bfloat16), "CQ_P": 16, "BLOCK_CV": 16,
+                **{dim: 8 for dim in spec.dims}}
+        kept = prune(candidates, tiny, PREC="tf32")
+        assert len(kept) == 1 and kept[0] in listed_in(f"sm{arch}")
+        assert smem(kept[0], tiny) == min(smem(c, tiny) for c in listed_in(f"sm{arch}"))
+
+
 # ----------------------------------------------------------------------------- offline compile
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Shared memory per block (opt-in) of the arch each offline compile targets: H100/H200, A100.
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def _capture_launches(run, capability=(9, 0)):
-    """Run host code with every kernel replaced by a recorder: [(kernel, args, constexprs,
-    num_warps, num_stages)] exactly as a GPU launch would get them, with the first autotune
-    candidate that the real pruner keeps for those arguments."""
-    from danet_ops._triton import cam, cam_kernels, pam, pam_kernels
-    kernels = type("Kernels", (), {n: getattr(m, n) for m in (pam_kernels, cam_kernels)
-                                   for n in dir(m) if n.endswith("_kernel")})
+def _capture_launches(run, capability):
+    """Run host code with every launch recorded instead: [(kernel, args, constexprs, num_warps,
+    num_stages)] exactly as a GPU of `capability` would get them: a Fixed kernel with its GPU
+    config, a Tuned one with the first candidate that the real pruner keeps for those arguments."""
+    from danet_ops._triton import _autotune, cam, pam
 
     launches = []
 
-    class Recorder:
-        def __init__(self, fn, name=None):
-            self.fn, self.name = fn, name
+    def tuned(spec, device, grid, *args, **kwargs):
+        named = dict(zip(spec.kernel.arg_names, args))
+        limit = SMEM_LIMIT[capability[0] * 10 + capability[1]]
+        cfg = spec.pruner(limit)(spec.candidates(capability), named, **kwargs)[0]
+        launches.append((spec.kernel, args, {**kwargs, **cfg.kwargs}, cfg.num_warps, cfg.num_stages))
 
-        def __getitem__(self, grid):
-            def launch(*args, num_warps=4, **kwargs):
-                stages = 3
-                if self.name is not None:  # autotuned: what the pruner keeps, first candidate
-                    named = dict(zip(self.fn.arg_names, args))
-                    cfg = _common._prune(self.name, 227 * 1024)(
-                        _common.candidates(self.name, capability), named, **kwargs)[0]
-                    kwargs = {**kwargs, **cfg.kwargs}
-                    num_warps, stages = cfg.num_warps, cfg.num_stages
-                launches.append((self.fn, args, kwargs, num_warps, stages))
-            return launch
+    def fixed(spec, device, grid, *args, **kwargs):
+        launches.append((spec.kernel, args, {**kwargs, **spec.gpu}, spec.num_warps, 3))
 
-    def launcher(module, name, kernel_name, key, device):
-        return Recorder(getattr(kernels, kernel_name), name)
-
-    recorders = type("K", (), {n: Recorder(getattr(kernels, n)) for n in dir(kernels)
-                               if n.endswith("_kernel")})
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(pam, "K", recorders)
-        mp.setattr(cam, "K", recorders)
-        mp.setattr(_common, "check_device", lambda t: None)
-        mp.setattr(_common, "launcher", launcher)
-        mp.setattr(_common, "meta_for", lambda name, device: {})
-        mp.setattr(_common, "fixed", lambda name, device: _common.GPU_FIXED[name])
+        mp.setattr(_autotune.Tuned, "launch", tuned)
+        mp.setattr(_autotune.Fixed, "launch", fixed)
+        for op in (pam, cam):   # CPU tensors stand in for CUDA ones (only shapes, dtypes, strides)
+            mp.setattr(op, "check_device", lambda t: None)
         run()
     finally:
         mp.undo()
@@ -156,8 +202,7 @@ def _capture_launches(run, capability=(9, 0)):
 def _compile_offline(fn, args, constexprs, warps, stages, capability):
     """triton.compile for a GPU target without a GPU, specialised like the JIT: integers equal
     to 1 become constants, multiples of 16 and 16-byte aligned pointers get divisibility 16.
-    Returns (compiled kernel, ptxas stack bytes or None when cuobjdump is not bundled)."""
-    import re
+    Returns (compiled kernel, SASS text or None when cuobjdump is not bundled)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -190,24 +235,35 @@ def _compile_offline(fn, args, constexprs, warps, stages, capability):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", usage)
-    return kernel, int(m.group(1)) if m else None
+        sass = subprocess.run([tool, "-sass", "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return kernel, sass
 
 
-@pytest.mark.slow
-def test_compiled_mode_kernels_build_for_sm90_without_spills(no_tf32):
-    # The interpreter does not run triton's compiler. Here every launch the host code makes
-    # (PAM and CAM, forward and backward) is compiled for sm90 exactly as on a GPU: compiled-
-    # mode frontend, layouts, wgmma / FMA lowering and ptxas. No GPU needed, no register spills.
-    # no_tf32: fp32 launches compile their IEEE dots.
-    if IN_INTERPRETER:
-        pytest.skip("this process runs Triton in the interpreter")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton has no offline-compile API ({exc})")
+def _stack_bytes(sass):
+    """ptxas stack frame of the kernel (cuobjdump -res-usage): > 0 means register spills."""
+    return int(re.search(r"STACK:(\d+)", sass).group(1))
+
+
+def _matrix_instructions(sass):
+    """The tensor-core instructions of a kernel's SASS: HGMMA (sm90 wgmma, warpgroup MMA) and
+    HMMA (mma.sync, sm80 and later; fp16/bf16 and TF32 operands alike)."""
+    return set(re.findall(r"\b(HGMMA|HMMA)\.", sass))
+
+
+# The SASS matrix instruction of the products, per target (the README's table): tensor cores
+# for fp16/bf16 operands and TF32 (cam_bwd_dx's fp32 (dE + dE^T) tile for fp16 inputs); none
+# for fp32 operands with exact IEEE products (TF32 not allowed: FMA units), and none in the
+# kernels without tl.dot (rowdot, cam_softmax, cam_bwd_ds).
+MATRIX_KERNELS = {"pam_fwd_kernel", "pam_bwd_dkdv_kernel", "pam_bwd_dq_kernel",
+                  "cam_mm_nt_partial_kernel", "cam_apply_kernel", "cam_bwd_dx_kernel"}
+MATRIX_INSTRUCTION = {90: "HGMMA", 80: "HMMA"}
+
+
+def _offline_launches(capability):
+    """Every launch the host code makes (PAM and CAM, forward and backward) for a GPU of
+    `capability`: PAM in bf16 and fp32 with IEEE dots (the fp32 tile group), CAM in bf16 and
+    fp16 (the fp32 (dE + dE^T) tile path), with the configs the real tables and pruner pick."""
     from danet_ops._triton import cam, pam
 
     def run_all():
@@ -221,19 +277,44 @@ def test_compiled_mode_kernels_build_for_sm90_without_spills(no_tf32):
             o, attn, y = cam.forward(a, g, "original")
             cam.backward(y.to(dtype), a, attn, o, g, "original")
 
-    launches = _capture_launches(run_all)
+    launches = _capture_launches(run_all, capability)
     assert len(launches) == 2 * 4 + 2 * 7   # per dtype: PAM fwd 1 + bwd 3; CAM fwd 3 + bwd 4
-    seen = set()
+    unique = {}
     for fn, args, constexprs, warps, stages in launches:
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())),
                tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args))
-        if key in seen:
-            continue
-        seen.add(key)
-        kernel, stack = _compile_offline(fn, args, constexprs, warps, stages, 90)
-        assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
-        assert stack in (None, 0), (f"{fn.__name__}: {stack} bytes of ptxas stack (spills) with "
-                                    f"{constexprs}, {warps} warps, {stages} stages")
+        unique.setdefault(key, (fn, args, constexprs, warps, stages))
+    return list(unique.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm{a}")
+def test_compiled_mode_kernels_build_offline(arch, no_tf32):
+    # The interpreter does not run triton's compiler. Here every launch the host code makes is
+    # compiled for sm_90 (H100) and sm_80 (A100) exactly as on a GPU: compiled-mode frontend,
+    # layouts, wgmma / mma.sync / FMA lowering and ptxas. No GPU needed. Checked: shared memory
+    # within the arch's limit, the matrix instruction of every product (SASS, read with the
+    # cuobjdump that triton bundles), and on sm_90 no register spills (the sm_80 candidate
+    # table is untuned: one cam_bwd_dx candidate spills a few bytes there, see docs/triton.md).
+    # no_tf32: fp32 launches compile their IEEE dots.
+    if IN_INTERPRETER:
+        pytest.skip("this process runs Triton in the interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"this triton has no offline-compile API ({exc})")
+    for fn, args, constexprs, warps, stages in _offline_launches((arch // 10, arch % 10)):
+        what = f"sm_{arch} {fn.__name__} {constexprs}, {warps} warps, {stages} stages"
+        kernel, sass = _compile_offline(fn, args, constexprs, warps, stages, arch)
+        assert kernel.metadata.shared <= SMEM_LIMIT[arch], (what, kernel.metadata.shared)
+        if sass is None:
+            continue   # a triton without cuobjdump: compiled through ptxas, nothing more to read
+        if arch == 90:
+            assert _stack_bytes(sass) == 0, f"{what}: {_stack_bytes(sass)} bytes of stack (spills)"
+        tensor_cores = fn.__name__ in MATRIX_KERNELS and constexprs["PREC"] != "ieee"
+        want = {MATRIX_INSTRUCTION[arch]} if tensor_cores else set()
+        assert _matrix_instructions(sass) == want, (what, _matrix_instructions(sass))
 
 
 # ============================================================================ interpreter: PAM
@@ -278,7 +359,7 @@ def test_interp_pam_empty_and_direct_op():
 
 
 # ============================================================================ interpreter: general PAM op
-# Issue 14: E = scale * q^T k with keys/values of their own length Nk (q [B, Cq, Nq], k [B, Cq, Nk],
+# The general op: E = scale * q^T k with keys/values of their own length Nk (q [B, Cq, Nq], k [B, Cq, Nk],
 # v [B, Cv, Nk], x/o/y [B, Cv, Nq]). The ops are called directly (their registered autograd gives
 # the gradients); the oracle is the naive computation written here, in float64.
 def _general_inputs(B, Cq, Cv, Nq, Nk, dtype, layout="contiguous", residual=True, seed=0):

@@ -1,4 +1,4 @@
-"""Backend "triton", bf16 PAM backward on sharp logits (issue 15 item 3), under the interpreter.
+"""Backend "triton", bf16 PAM backward on sharp logits, under the interpreter.
 
 The backward's Delta_i = sum_c dO[c, i] O[c, i] enters dE = P (dA - Delta). With a sharp softmax
 dA - Delta nearly cancels on a row's dominant key, so any rounding of O in Delta is amplified
@@ -8,7 +8,7 @@ inputs (as the CPU kernel does); callers of position_attention still get v's dty
 Run: TRITON_INTERPRET=1 python -m pytest tests/test_triton_lowp.py -q (about a minute on two
 cores). Without the interpreter in this process the tests skip. The interpreter's bf16 tl.dot is
 wrong (triton 3.9), so there the kernels round bf16 operands and multiply them in fp32
-(_common.f32_dot): the roundings under test are the GPU's, the products exact.
+(_runtime.f32_dot): the roundings under test are the GPU's, the products exact.
 """
 import pytest
 import torch
@@ -52,7 +52,7 @@ def test_bf16_sharp_logits_dk_dq_within_2x_the_reference(kind):
     assert out.dtype == ref.dtype
     errs = {name: (max_err(grads[i], grads64[i]), max_err(grads_ref[i], grads64[i]))
             for name, i in (("dk", 1), ("dq", 0))}
-    # SPEC §4's policy, with no floor: Delta is exact to fp32 now, so what is left is one bf16
+    # The error policy (2x the reference's own error), with no floor: Delta is exact to fp32 now, so what is left is one bf16
     # rounding of P and of dE before each product, no more roundings than the reference has.
     assert all(err <= 2 * ref for err, ref in errs.values()), "error vs the fp64 oracle > 2x " + \
         "the bf16 reference's: " + ", ".join(f"{n} {e:.3e} vs {r:.3e}" for n, (e, r) in errs.items())
