@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -79,18 +80,25 @@ def test_ops_registered_with_the_architecture_schemas():
         assert str(getattr(ops, name).default._schema) == f"danet_ops::{name}{sig}"
 
 
-def test_import_is_lazy_and_never_touches_the_gpu():
-    # Importing the package and asking available() must not load the kernel modules nor
-    # initialise CUDA (triton itself may be imported: torch._dynamo imports it).
-    code = ("import sys, torch, danet_ops, danet_ops._triton as t; ok = t.available(); "
-            "assert not {'danet_ops._triton.pam', 'danet_ops._triton.cam', "
-            "'danet_ops._triton.rowdot', 'danet_ops._triton._jit', "
-            "'danet_ops._triton._autotune'} & set(sys.modules); "
-            "assert not torch.cuda.is_initialized(); print(ok)")
+def _run_python(code):
+    """Run `code` in a fresh Python (without TRITON_INTERPRET); fail with its stderr."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_import_is_lazy_and_never_touches_the_gpu():
+    # Importing the package and asking available() must not load the files that import triton
+    # nor initialise CUDA (triton itself may be imported: torch._dynamo imports it).
+    _run_python("""
+        import sys, torch, danet_ops, danet_ops._triton as t
+        t.available()
+        loaded = {"pam", "cam", "rowdot", "_jit", "_autotune"} & {
+            m.rpartition(".")[2] for m in sys.modules if m.startswith("danet_ops._triton.")}
+        assert not loaded, loaded
+        assert not torch.cuda.is_initialized()
+        """)
 
 
 def test_cpu_tensors_without_interpreter_are_refused():
@@ -109,18 +117,21 @@ def test_cpu_tensors_without_interpreter_are_refused():
 def test_danet_ops_imports_and_says_why_without_triton():
     # The package and the op registration are triton-free: with triton unimportable, import
     # danet_ops works, available() says why, and a call of a *_triton op raises that reason.
-    code = ("import sys; sys.modules['triton'] = None; import torch, danet_ops; "
-            "from danet_ops import _triton as t; ok, why = t.available(); "
-            "assert not ok and 'Triton could not be imported' in why, why; "
-            "q = torch.randn(1, 2, 4)\n"
-            "try:\n    torch.ops.danet_ops.pam_forward_triton(q, q, q, None, None)\n"
-            "except RuntimeError as e:\n    assert 'need Triton' in str(e), e\n"
-            "else:\n    raise AssertionError('no error')\n"
-            "assert 'danet_ops._triton.pam' not in sys.modules")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    _run_python("""
+        import sys
+        sys.modules["triton"] = None          # import triton raises ImportError
+        import torch, danet_ops
+        from danet_ops import _triton as t
+        ok, why = t.available()
+        assert not ok and "Triton could not be imported" in why, why
+        q = torch.randn(1, 2, 4)
+        try:
+            torch.ops.danet_ops.pam_forward_triton(q, q, q, None, None)
+        except RuntimeError as e:
+            assert "need Triton" in str(e), e
+        else:
+            raise AssertionError("no error without triton")
+        """)
 
 
 # ----------------------------------------------------------------------------- autotune tables
