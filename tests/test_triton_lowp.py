@@ -65,6 +65,4 @@ def test_forward_keeps_o_fp32_for_half_inputs_and_callers_get_v_dtype():
     assert o.dtype == torch.float32 and lse.dtype == torch.float32 and y.shape == (0,)
     # the caller's O is the kernel's fp32 O rounded once (what the kernel stored before)
     assert torch.equal(position_attention(q, k, v, backend="triton"), o.to(torch.bfloat16))
-    # the fake kernel says the same (schema, fake vs real dtypes, autograd registration)
-    torch.library.opcheck(ops.pam_forward_triton.default, (q, k, v, None, None, 1.0),
-                          test_utils=("test_schema", "test_faketensor"))
+    # (that the fake kernel says the same: tests/test_opcheck.py, bf16 without residual)
