@@ -14,7 +14,6 @@ from .maps import attention_map, channel_attention_map
 from .modules import ChannelAttention, PositionAttention
 
 _compiled_ops.load(build=False)
-_compiled_ops.register_export()  # ONNX lowerings of the ops registered so far (Triton's too)
 
 __all__ = [
     "PositionAttention", "ChannelAttention", "position_attention", "channel_attention",

@@ -35,8 +35,7 @@ def load(build=True):
     if not _extension.load(build):
         return False
     with _lock:
-        now = not _registered
-        if now:
+        if not _registered:
             _fake_and_autograd.register_pam(OPS["pam_forward"], OPS["pam_backward"])
             _fake_and_autograd.register_cam(OPS["cam_forward"], OPS["cam_backward"])
             inference = _has_inference_ops()
@@ -44,23 +43,12 @@ def load(build=True):
                 _fake_and_autograd.register_inference(INFERENCE_OPS["pam_forward_inference"],
                                                       INFERENCE_OPS["cam_forward_inference"])
             _registered["inference"] = inference
-    if now:
-        register_export()       # outside the lock: the lowering may ask the backends
     return True
 
 
 def ready():
     """Whether the library is loaded and its ops registered."""
     return bool(_registered)
-
-
-def register_export():
-    """ONNX lowerings (danet_ops/_export.py) of the ops registered so far; never fatal here."""
-    try:
-        from . import _export
-        _export.register()
-    except Exception:
-        pass
 
 
 def _has_inference_ops():

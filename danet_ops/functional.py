@@ -1,6 +1,6 @@
 """position_attention / channel_attention: validate, choose a backend (danet_ops.backends),
 call its op entry point."""
-from . import _validate, backends, reference
+from . import _validate, backends, onnx, reference
 
 
 def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
@@ -15,6 +15,8 @@ def position_attention(q, k, v, x=None, gamma=None, scale=1.0, backend="auto"):
     scale = _validate.check_scale(scale)
     B, _, Cv, Nq, Nk = _validate.check_pam(q, k, v, x, gamma)
     gamma = _validate.as_gamma(gamma, v)
+    if onnx.exporting():  # torch.onnx.export is tracing: ONNX ops, whatever the backend
+        return onnx.position_attention(q, k, v, x, gamma, scale)
     name = backends.resolve(backend, "pam", q.device, q.dtype)
     if name == "reference" or B == 0 or Nq == 0 or Nk == 0:
         return reference.position_attention(q, k, v, x, gamma, scale)
@@ -35,6 +37,8 @@ def channel_attention(x, gamma=None, mode="original", backend="auto"):
     """
     B, _, N = _validate.check_cam(x, gamma, mode)
     gamma = _validate.as_gamma(gamma, x)
+    if onnx.exporting():
+        return onnx.channel_attention(x, gamma, mode)
     name = backends.resolve(backend, "cam", x.device, x.dtype)
     _validate.check_backend_limits(name, "cam", x.shape)
     if name == "reference" or B == 0 or N == 0:
