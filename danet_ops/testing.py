@@ -29,6 +29,7 @@ suite's margin report (``pytest --margins``) uses that to list the comparisons c
 bound.
 """
 import contextlib
+import math
 from typing import Callable, List, NamedTuple
 
 import torch
@@ -152,7 +153,8 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
         rho_ij <= u * (|lse_i|            lse_i = m_i + log l_i, rounded once when stored
                        + |lse_i|          ... and the sum m_i + log l_i, rounded once at |lse_i|
                        + |E_ij - lse_i|   the subtraction E'_ij - lse_i, rounded
-                       + EXP_ULP)         exp's own error
+                       + EXP_ULP          exp's own error
+                       + EXP_ULP log Nk)  log's own error in log l_i (1 <= l_i <= Nk)
     With |lse| ~ max|E| in the hundreds (DANet's sharp rows) this is hundreds of ulps, while the
     softmax error both share is a few ulps. (E' itself carries the same kind and size of rounding
     as the reference's E; the factor 2 on the reference's error covers that second draw.)
@@ -180,6 +182,7 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
     g = 1.0 if gamma is None else float(gamma.detach().double().reshape(-1)[0])
     s = float(scale)
     Nq = q.shape[2]
+    log_nk = math.log(max(k.shape[2], 1))     # |log l_i| <= log Nk
     dO = g * dy
     ak, av = k.abs(), v.abs()
     out = dict.fromkeys(PAM_NAMES, 0.0)
@@ -197,7 +200,8 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
         d_a = torch.bmm(dOi.transpose(1, 2), v)                           # [B, n, Nk]
         delta = (dOi * o).sum(1).unsqueeze(-1)                            # [B, n, 1]
         d_e = s * p * (d_a - delta)
-        rho = torch.nan_to_num(u * (2 * lse.abs() + (e - lse).abs() + EXP_ULP), posinf=0.0)
+        rho = torch.nan_to_num(u * (2 * lse.abs() + (e - lse).abs() + EXP_ULP * (1 + log_nk)),
+                               posinf=0.0)
         d_de = abs(s) * p * ((rho + h) * (d_a - delta).abs()
                              + h * (torch.bmm(dOi.abs().transpose(1, 2), av)
                                     + (dOi.abs() * o.abs()).sum(1).unsqueeze(-1))) + h * d_e.abs()

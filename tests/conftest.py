@@ -3,8 +3,8 @@
 Error bound (flash-attention's rule): a backend in dtype D may be off from the float64 oracle by
 at most 2x what PyTorch's own reference computation in dtype D is off, plus a small floor.
 """
-import contextlib
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -49,6 +49,35 @@ def pam_inputs(B, Cq, Cv, H, W, dtype=torch.float32, layout="contiguous", residu
     gamma = torch.tensor([0.7], dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
                          device=device)
     return q, k, v, x, gamma
+
+
+def general_inputs(B, Cq, Cv, q_hw, k_hw, dtype=torch.float64, layout="contiguous", seed=0,
+                   residual=True, device=None):
+    """q [B, Cq, *q_hw], k [B, Cq, *k_hw], v [B, Cv, *k_hw], x [B, Cv, *q_hw] (hw: (H, W) or (N,))."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(C, hw, s=1.0):
+        shape = (B, C, *hw) if len(hw) == 2 else (B, C, hw[0], 1)
+        out = make(shape, dtype, layout, gen, s, device)
+        return out if len(hw) == 2 else out.flatten(2)
+    q, k, v = t(Cq, q_hw, 0.5), t(Cq, k_hw, 0.5), t(Cv, k_hw)
+    if not residual:
+        return [q, k, v, None, None]
+    return [q, k, v, t(Cv, q_hw), torch.tensor([0.7], dtype=torch.float64 if dtype == torch.float64
+                                                else torch.float32, device=device)]
+
+
+# The general op (SAGAN / Non-local / ANN / OCR): keys of their own length, a scale.
+GENERAL_CASES = [  # (B, Cq, Cv, q spatial, k spatial, scale)   Nq vs Nk: fewer, more, one, ragged
+    (2, 8, 16, (12, 10), (6, 5), 1.0),          # SAGAN-official: keys pooled 2x2, Nk = Nq / 4
+    (1, 4, 12, (9, 7), (110,), 4 ** -0.5),      # ANN: a pyramid of 110 pooled keys, 1/sqrt(d)
+    (2, 6, 5, (5, 3), (19,), 6 ** -0.5),        # OCR: class-region keys [B, C, K]
+    (1, 3, 4, (7, 7), (1,), 2.0),               # Nk = 1: A = 1 everywhere
+    (1, 5, 9, (17, 1), (300,), 0.3),            # Nk > Nq, ragged past a 256 block
+    (2, 8, 16, (6, 6), (6, 6), 1.0),            # DANet itself
+    (2, 12, 20, (15, 20), (77,), 0.125),        # Nk < Nq, several ragged query blocks
+    (1, 6, 10, (4, 4), (48,), -1.0),            # negative scale: the row max is taken after it
+]
 
 
 def pam_minus_inf_inputs(dtype=torch.float32, whole_row=False):
@@ -140,23 +169,61 @@ def _no_backend_override(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- backends under test
-# The op tests (test_pam.py, test_cam.py) run each case on every backend, as a test id:
-#   "reference", "cpu"   CPU tensors, in every run
+# The op tests (test_pam.py, test_cam.py) run each case on every backend x device x CPU path,
+# each a test id (the `backend` parameter):
+#   "reference"          the released code's bmm (the oracle's own computation, in the dtype)
+#   "cpu"                the C++ kernels, fp32/fp64
+#   "cpu-lowp"           the C++ kernels, fp16/bf16 with low-precision tile products
+#                        (DANET_OPS_CPU_LOWP=1: brgemm, or CBLAS where brgemm refuses)
+#   "cpu-fp32tiles"      the C++ kernels, fp16/bf16 computed on fp32 tiles (DANET_OPS_CPU_LOWP=0)
 #   "triton-interp"      CPU tensors through the Triton interpreter. Triton decides once per
 #                        process, when it is imported, whether kernels are interpreted, so these
 #                        carry the `interpreter` marker and run in their own invocation:
 #                        `TRITON_INTERPRET=1 pytest -m interpreter` (scripts/test.sh runs both);
 #                        a process without the interpreter skips them, saying so.
 #   "triton-cuda", "cuda" CUDA tensors, marked `gpu` (skip cleanly without a GPU)
-BACKENDS = {  # id: (backend, device type, marks)
-    "reference": ("reference", "cpu", ()),
-    "cpu": ("cpu", "cpu", ()),
-    "triton-interp": ("triton", "cpu", (pytest.mark.interpreter,)),
-    "triton-cuda": ("triton", "cuda", (pytest.mark.gpu,)),
-    "cuda": ("cuda", "cuda", (pytest.mark.gpu,)),
-}
-# SPEC §4: fp64 on the CPU backends only; fp16/bf16 everywhere (on CPU computed in fp32 or lowp tiles).
-_NO_FP64 = ("triton-interp", "triton-cuda", "cuda")
+HALF = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float64, torch.float32) + HALF
+GPU_DTYPES = (torch.float32,) + HALF    # no fp64 on the GPU backends
+
+
+class Target(NamedTuple):
+    backend: str                 # the backend= name
+    device: str                  # "cpu" | "cuda"
+    marks: tuple                 # pytest marks of its cases
+    env: dict                    # environment the call runs under (a CPU path forced)
+    dtypes: tuple                # the input dtypes it runs
+
+
+# The CPU backend's paths for fp16/bf16 inputs, forced by DANET_OPS_CPU_LOWP (its default picks one
+# of them by the CPU's matrix units); fp32/fp64 have one path each.
+CPU_PATHS = {"cpu-lowp": {"DANET_OPS_CPU_LOWP": "1"}, "cpu-fp32tiles": {"DANET_OPS_CPU_LOWP": "0"}}
+
+
+def _targets():
+    """Every backend of danet_ops.backends.REGISTRY on every device it takes, the CPU backend once
+    per path: the test matrix's backend axis."""
+    from danet_ops.backends import REGISTRY
+    targets = {}
+    for b in REGISTRY.values():
+        dtypes = tuple(dt for dt in ALL_DTYPES if dt in b.dtypes)
+        for dev in b.devices or ("cpu",):
+            if dev in b.interpreted:
+                tid, marks = f"{b.name}-interp", (pytest.mark.interpreter,)
+            elif dev == "cuda":
+                tid, marks = (b.name if b.devices == ("cuda",) else f"{b.name}-cuda"), (pytest.mark.gpu,)
+            else:
+                tid, marks = b.name, ()
+            if b.name == "cpu":
+                targets[tid] = Target(b.name, dev, marks, {}, tuple(d for d in dtypes if d not in HALF))
+                for path, env in CPU_PATHS.items():
+                    targets[path] = Target(b.name, dev, marks, env, tuple(d for d in dtypes if d in HALF))
+            else:
+                targets[tid] = Target(b.name, dev, marks, {}, dtypes)
+    return targets
+
+
+BACKENDS = _targets()   # reference, cpu, cpu-lowp, cpu-fp32tiles, cuda, triton-cuda, triton-interp
 
 # One floor per dtype for every backend: what the Triton, CUDA and CPU low-precision kernels do
 # beyond the reference (P, dO, dE rounded to the input dtype) is in the bound's analysis term
@@ -170,16 +237,16 @@ def floor(dtype, backend_id=None):
 
 
 def backend_grid(cases, dtypes, backends=tuple(BACKENDS), keep=lambda backend, case, dtype: True):
-    """pytest.params (backend id, case, dtype) for every combination a backend supports: no fp64
-    on the GPU backends (SPEC §4), and only the combinations `keep` accepts (e.g. the
-    interpreter runs one 16-block at a time in numpy: only cases it runs in seconds)."""
+    """pytest.params (backend id, case, dtype) for every combination a target runs (its dtypes:
+    no fp64 on the GPU backends, the CPU paths by dtype), and only those `keep` accepts (e.g.
+    the interpreter runs one 16-block at a time in numpy: only cases it runs in seconds)."""
     params = []
     for b in backends:
         for case in cases:
             for dt in dtypes:
-                if (dt == torch.float64 and b in _NO_FP64) or not keep(b, case, dt):
+                if dt not in BACKENDS[b].dtypes or not keep(b, case, dt):
                     continue
-                params.append(pytest.param(b, case, dt, marks=BACKENDS[b][2],
+                params.append(pytest.param(b, case, dt, marks=BACKENDS[b].marks,
                                            id=f"{b}-{_case_id(case)}-{str(dt).replace('torch.', '')}"))
     return params
 
@@ -192,14 +259,27 @@ def _case_id(case):
 
 
 def backend_params(*ids):
-    """pytest.params of backend ids (default: all), with their markers."""
-    return [pytest.param(b, marks=BACKENDS[b][2], id=b) for b in (ids or BACKENDS)]
+    """pytest.params of backend ids (default: every target that runs fp32), with their markers."""
+    ids = ids or tuple(b for b, t in BACKENDS.items() if torch.float32 in t.dtypes)
+    return [pytest.param(b, marks=BACKENDS[b].marks, id=b) for b in ids]
+
+
+@pytest.fixture(autouse=True)
+def _target_env(request, monkeypatch):
+    """A test parametrized by a backend id runs under that target's environment (its CPU path)."""
+    callspec = getattr(request.node, "callspec", None)
+    target = BACKENDS.get(callspec.params.get("backend")) if callspec else None
+    for var in ("DANET_OPS_CPU_LOWP",):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (target.env if isinstance(target, Target) else {}).items():
+        monkeypatch.setenv(var, value)
 
 
 def device_for(backend_id, op="pam", dtype=torch.float32):
     """(backend name, device) for a backend id, or skip with the reason this process cannot run it."""
     from danet_ops import backends
-    name, dev = BACKENDS[backend_id][:2]
+    target = BACKENDS[backend_id]
+    name, dev = target.backend, target.device
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if name == "triton":

@@ -1,33 +1,15 @@
-"""The general op (SPEC §1 "Generalisation"): E = scale * qᵀk with keys/values of their own length
-Nk, the PositionAttention scale / kv_pool options, and the attention maps, against the float64
-oracle. The Triton and CUDA kernels' own Nk != Nq / scale cases live in test_triton.py and
-test_cuda_emu.py."""
+"""The general op around its kernels: E = scale * qᵀk with keys/values of their own length Nk is
+the reference's formula; PositionAttention's scale / kv_pool options; the attention maps. The op
+itself (every backend, dtype and layout, with scale and Nk != Nq) is in test_pam.py's matrix."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import danet_ops
 from danet_ops import PositionAttention, position_attention, reference, testing
-from conftest import FLOOR, make, max_err, run_with_grads, to64
+from conftest import GENERAL_CASES as CASES, general_inputs, max_err
 
-NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")
 BACKENDS = ["reference", "cpu"]
-
-
-def general_inputs(B, Cq, Cv, q_hw, k_hw, dtype=torch.float64, layout="contiguous", seed=0,
-                   residual=True):
-    """q [B, Cq, *q_hw], k [B, Cq, *k_hw], v [B, Cv, *k_hw], x [B, Cv, *q_hw] (hw: (H, W) or (N,))."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def t(C, hw, s=1.0):
-        shape = (B, C, *hw) if len(hw) == 2 else (B, C, hw[0], 1)
-        out = make(shape, dtype, layout, gen, s)
-        return out if len(hw) == 2 else out.flatten(2)
-    q, k, v = t(Cq, q_hw, 0.5), t(Cq, k_hw, 0.5), t(Cv, k_hw)
-    if not residual:
-        return [q, k, v, None, None]
-    return [q, k, v, t(Cv, q_hw), torch.tensor([0.7], dtype=torch.float64 if dtype == torch.float64
-                                                else torch.float32)]
 
 
 def oracle(q, k, v, x=None, gamma=None, scale=1.0):
@@ -38,44 +20,12 @@ def oracle(q, k, v, x=None, gamma=None, scale=1.0):
     return o if gamma is None else gamma.double() * o + x.double()
 
 
-CASES = [  # (B, Cq, Cv, q spatial, k spatial, scale)   Nq vs Nk: fewer, more, one, ragged
-    (2, 8, 16, (12, 10), (6, 5), 1.0),          # SAGAN-official: keys pooled 2x2, Nk = Nq / 4
-    (1, 4, 12, (9, 7), (110,), 4 ** -0.5),      # ANN: a pyramid of 110 pooled keys, 1/sqrt(d)
-    (2, 6, 5, (5, 3), (19,), 6 ** -0.5),        # OCR: class-region keys [B, C, K]
-    (1, 3, 4, (7, 7), (1,), 2.0),               # Nk = 1: A = 1 everywhere
-    (1, 5, 9, (17, 1), (300,), 0.3),            # Nk > Nq, ragged past a 256 block
-    (2, 8, 16, (6, 6), (6, 6), 1.0),            # DANet itself
-]
-
-
-def _ids(c):
-    return f"B{c[0]}-Cq{c[1]}-Cv{c[2]}-q{'x'.join(map(str, c[3]))}-k{'x'.join(map(str, c[4]))}-s{c[5]:.2g}"
 
 
 def test_reference_is_the_formula():
     for c in CASES:
         q, k, v, x, g = general_inputs(*c[:5])
         assert max_err(reference.position_attention(q, k, v, x, g, c[5]), oracle(q, k, v, x, g, c[5])) < 1e-12
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_general_op_matches_oracle(case, dtype, backend):
-    inputs = general_inputs(*case[:5], dtype=dtype)
-    fn = lambda *t: position_attention(*t, scale=case[5], backend=backend)  # noqa: E731
-    got, _ = testing.compare_pam(fn, inputs, FLOOR[dtype], scale=case[5])
-    assert got.shape == (case[0], case[2], *case[3]) if len(case[3]) == 2 else True
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_general_layouts_and_no_residual(backend):
-    # channels_last q with contiguous pooled k, v; and O alone (no x, gamma).
-    q, k, v, x, g = general_inputs(1, 4, 8, (8, 6), (4, 3), layout="channels_last")
-    k, v = k.contiguous(), v.contiguous()
-    fn = lambda *t: position_attention(*t, scale=0.5, backend=backend)      # noqa: E731
-    testing.compare_pam(fn, [q, k, v, x, g], FLOOR[torch.float64], scale=0.5)
-    testing.compare_pam(fn, [q, k, v, None, None], FLOOR[torch.float64], scale=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
