@@ -5,7 +5,7 @@
     python scripts/test_matrix.py --check    # exit 1 if docs/ARCHITECTURE.md's copy is stale (CI)
 
 A test counts in the cell of its op (its file: test_pam.py -> PAM, test_cam.py -> CAM,
-test_opcheck.py -> its `op` parameter), its `backend` parameter (the target ids of
+test_opcheck.py -> opcheck: both ops' schemas, fakes, autograd), its `backend` parameter (the target ids of
 tests/conftest.py) and its `dtype` parameter ("-" when it has none). Collection only: nothing runs,
 and the interpreter and GPU cases are counted whether or not this machine can run them.
 """
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)     # this checkout's danet_ops and models, as `python -m pytest` from the root
 DOC = os.path.join(ROOT, "docs", "ARCHITECTURE.md")
 BEGIN, END = "<!-- test-matrix:begin (scripts/test_matrix.py) -->", "<!-- test-matrix:end -->"
-FILES = {"test_pam.py": "PAM", "test_cam.py": "CAM", "test_opcheck.py": None}
+FILES = {"test_pam.py": "PAM", "test_cam.py": "CAM", "test_opcheck.py": "opcheck"}
 DTYPES = ("float64", "float32", "float16", "bfloat16", "-")
 
 
@@ -36,7 +36,7 @@ class _Collector:
             params = getattr(getattr(item, "callspec", None), "params", {})
             if base not in FILES or "backend" not in params:
                 continue
-            op = FILES[base] or str(params.get("op", "-")).upper()
+            op = FILES[base]
             dtype = params.get("dtype")
             dt = str(dtype).replace("torch.", "") if dtype is not None else "-"
             self.cells[(op, params["backend"], dt if dt in DTYPES else "-")] += 1
@@ -55,7 +55,7 @@ def table():
             sys.stdout = stdout
     if rc not in (0, 5):
         sys.exit(f"pytest collection failed (exit {rc})")
-    ops = sorted({k[0] for k in collector.cells}, key=lambda o: (o not in ("PAM", "CAM"), o))
+    ops = sorted({k[0] for k in collector.cells}, key=lambda o: ("PAM", "CAM", "opcheck").index(o))
     backends = []
     for k in collector.cells:
         if k[1] not in backends:
