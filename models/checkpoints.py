@@ -1,6 +1,7 @@
 """Weights in and out: torchvision ImageNet ResNets into the backbone, released DANet checkpoints,
-mmsegmentation DAHead checkpoints (converted), and this trainer's own checkpoints, written
-atomically and rotated (``iter_<N>.pth``, ``checkpoint.pth`` the newest).
+mmsegmentation DAHead checkpoints (converted), named architectures (``models.archs``), and this
+trainer's own checkpoints, written atomically and rotated (``iter_<N>.pth``, ``checkpoint.pth``
+the newest).
 
     python -m models.checkpoints mmseg2danet danet_r50-d8_cityscapes.pth danet_r50.pth
 """
@@ -14,12 +15,27 @@ import torch
 from .danet import DANet
 
 
+def _numpy_scalar_globals():
+    """What unpickling numpy scalars and dtypes needs (plain data, no code): older checkpoints hold
+    some beside the weights (the released DANet's ``best_pred``), pickled as numpy 1.x named them."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
 def load_file(path):
-    """torch.load on CPU with a clear error for a missing or unreadable file."""
+    """torch.load on CPU (``weights_only``: tensors and plain data, numpy scalars included) with a
+    clear error for a missing or unreadable file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean the same thing here
         raise RuntimeError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
@@ -87,17 +103,76 @@ def convert_mmseg(sd):
     return out
 
 
-def load_weights(model, path):
-    """Load a released DANet checkpoint, an mmseg DANet checkpoint (converted) or a checkpoint of this
-    trainer into ``model`` with strict key matching; the backbone's ``pretrained.fc.*`` is ignored."""
+def read_weights(path):
+    """The state dict of a weights file in the released layout: mmseg checkpoints converted, a
+    trainer checkpoint's model, ``module.`` prefixes and the backbone's ``pretrained.fc.*`` removed."""
     sd = state_dict_of(load_file(path), path)
     if any(k.startswith("decode_head.") for k in sd):
         sd = convert_mmseg(sd)
-    sd = {k: v for k, v in sd.items() if not k.startswith("pretrained.fc.")}
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: does not match this DANet (backbone, deep stem, aux head, classes?): {e}") from None
+    return {k: v for k, v in sd.items() if not k.startswith("pretrained.fc.")}
+
+
+def shape_diff(expected, got, limit=5):
+    """Lines naming the first keys missing from ``got``, unexpected in it, and of another shape
+    (``expected``/``got``: {key: shape}); empty when they match. A BatchNorm's
+    ``num_batches_tracked`` may be missing (files of torch < 0.4.1; load_state_dict fills it in)."""
+    missing = [k for k in expected if k not in got and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in got if k not in expected]
+    shape = [k for k in expected if k in got and tuple(expected[k]) != tuple(got[k])]
+    lines = []
+    for what, keys, fmt in (
+            ("missing from the file", missing, lambda k: f"{k} {list(expected[k])}"),
+            ("not in the model", unexpected, lambda k: f"{k} {list(got[k])}"),
+            ("of another shape", shape, lambda k: f"{k}: model {list(expected[k])}, file {list(got[k])}")):
+        if keys:
+            more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+            lines.append(f"  {len(keys)} {what}: " + "; ".join(fmt(k) for k in keys[:limit]) + more)
+    return lines
+
+
+def candidate_archs(path):
+    """Names of the entries of ``models.archs`` whose keys and shapes match the weights in ``path``."""
+    from .archs import candidates
+
+    return candidates({k: tuple(v.shape) for k, v in read_weights(path).items()}, path)
+
+
+def load_weights(model, path, arch=None, attention_backend="auto"):
+    """Load released DANet weights, mmseg DANet weights (converted) or a checkpoint of this trainer
+    into ``model``, or, with ``model=None``, into a new model of the named architecture ``arch``
+    (``models.archs``; when ``arch`` is None too, the one entry whose keys and shapes the file
+    matches; several or none is an error naming them). Every key and shape must match; a mismatch
+    is an error naming the first differing keys and shapes (nothing is loaded). Returns the model."""
+    return _load(model, read_weights(path), path, arch, attention_backend)[0]
+
+
+def _load(model, sd, path, arch, attention_backend):
+    """load_weights on a state dict read from ``path``: (model, the Arch entry or None)."""
+    from .archs import arch_for_filename, candidates, get_arch
+
+    if model is not None and arch is not None:
+        raise TypeError("load_weights takes a model or an arch, not both")
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    if model is None:
+        if arch is None:
+            found = candidates(shapes, path)
+            named = arch_for_filename(path)  # mmseg's file names start with the config's
+            if len(found) > 1 and named is not None and named.name in found:
+                found = [named.name]
+            if len(found) != 1:
+                raise ValueError(f"{path}: name the architecture (arch=, --arch); the weights' keys and shapes match "
+                                 + (", ".join(found) if found else "no named arch (python -m models.archs lists them)"))
+            arch = found[0]
+        arch = get_arch(arch)
+        model = arch.build(attention_backend)
+    diff = shape_diff({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
+    if diff:
+        found = candidates(shapes, path)
+        what = f"arch {arch.name}" if arch is not None else "this DANet (backbone, deep stem, aux head, classes?)"
+        raise RuntimeError(f"{path}: does not match {what}:\n" + "\n".join(diff) + "\n  the file matches "
+                           + (f"the archs {', '.join(found)}" if found else "no named arch"))
+    model.load_state_dict(sd)
+    return model, arch
 
 
 def build_model(cfg, nclass):
@@ -117,6 +192,23 @@ def build_model_from_checkpoint(path, map_location="cpu"):
     model = build_model(ckpt["cfg"], ckpt["nclass"])
     model.load_state_dict(ckpt["model"])
     return model.to(map_location), ckpt["cfg"]
+
+
+def load_for_inference(checkpoint=None, weights=None, arch=None, device="cpu", attention_backend="auto"):
+    """(model in eval mode on ``device``, its ``models.archs.Arch``, dataset config) for a
+    ``models.train`` checkpoint (its training config), or for released / mmseg ``weights`` of the
+    named ``arch`` (None: the one entry the weights' keys and shapes match; ``{"dataset": ...}``)."""
+    from .archs import arch_of_checkpoint
+
+    if (checkpoint is None) == (weights is None):
+        raise ValueError("give a models.train checkpoint or weights (with their arch), one of the two")
+    if checkpoint is not None:
+        model, cfg = build_model_from_checkpoint(checkpoint)
+        spec = arch_of_checkpoint(cfg)
+    else:
+        model, spec = _load(None, read_weights(weights), weights, arch, attention_backend)
+        cfg = {"dataset": spec.dataset}
+    return model.to(device).eval(), spec, cfg
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,10 +18,13 @@ STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------
 # Augmentation (torch ops; every random draw comes from the generator passed in)
 # ----------------------------------------------------------------------------------------------
-def normalize(img):
-    """uint8 [..., 3, H, W] -> float, ImageNet mean/std normalised."""
-    mean = torch.tensor(MEAN, device=img.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=img.device).view(3, 1, 1)
+def normalize(img, mean=MEAN, std=STD, bgr=False):
+    """uint8 [..., 3, H, W] (RGB) -> float ``(x / 255 - mean) / std`` per channel: ImageNet's
+    statistics by default; ``bgr``: for weights trained on BGR input, the channels reversed first."""
+    if bgr:
+        img = img.flip(-3)
+    mean = torch.tensor(mean, device=img.device).view(3, 1, 1)
+    std = torch.tensor(std, device=img.device).view(3, 1, 1)
     return (img.float() / 255 - mean) / std
 
 
@@ -64,17 +67,17 @@ class TrainTransform(torch.utils.data.Dataset):
 
 
 class EvalTransform(torch.utils.data.Dataset):
-    """Normalised full images with their labels, for evaluation."""
+    """Normalised full images with their labels, for evaluation (``norm``: normalize's keywords)."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, **norm):
+        self.base, self.norm = base, norm
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, index):
         img, label = self.base[index]
-        return normalize(img), label
+        return normalize(img, **self.norm), label
 
 
 

@@ -73,6 +73,46 @@ class _PairedFiles(torch.utils.data.Dataset):
         return img, label
 
 
+# Cityscapes' label ID (cityscapesScripts' labels.py: the IDs of the *_gtFine_labelIds.png files
+# and of benchmark submissions) of each of the 19 train IDs, and their colours there.
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_COLORS = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                     (0, 80, 100), (0, 0, 230), (119, 11, 32))
+
+
+def cityscapes_label_ids(train_ids):
+    """Train IDs 0..18 -> Cityscapes label IDs (uint8); anything else (255: ignored) -> 0, "unlabeled"."""
+    t = train_ids.long()
+    valid = (t >= 0) & (t < len(CITYSCAPES_LABEL_IDS))
+    ids = torch.tensor(CITYSCAPES_LABEL_IDS, dtype=torch.uint8, device=t.device)[t.clamp(0, len(CITYSCAPES_LABEL_IDS) - 1)]
+    return torch.where(valid, ids, torch.zeros_like(ids))
+
+
+def voc_colormap(nclass):
+    """The PASCAL VOC colour map (bit-interleaved class index), extended to any number of classes."""
+    cmap = torch.zeros(max(nclass, 1), 3, dtype=torch.uint8)
+    for i in range(nclass):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = torch.tensor([r, g, b], dtype=torch.uint8)
+    return cmap
+
+
+def dataset_palette(dataset, nclass):
+    """[nclass, 3] uint8 colours of a dataset's classes: Cityscapes' own colours, the PASCAL VOC
+    colour map for VOC and for every other dataset (ADE20K's masks too: its own 150-colour table
+    is not reproduced here)."""
+    if dataset == "cityscapes" and nclass == len(CITYSCAPES_COLORS):
+        return torch.tensor(CITYSCAPES_COLORS, dtype=torch.uint8)
+    return voc_colormap(nclass)
+
+
 def _lut(mapping, size=256):
     lut = torch.full((size,), IGNORE_INDEX, dtype=torch.int64)
     for k, v in mapping.items():
@@ -87,8 +127,7 @@ class Cityscapes(_PairedFiles):
     classes = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                "motorcycle", "bicycle")
-    lut = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18})
+    lut = _lut({label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)})
 
     def __init__(self, root, split="train"):
         img_root = _require_dir(os.path.join(root, "leftImg8bit", split),
