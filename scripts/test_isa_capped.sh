@@ -17,5 +17,5 @@ NPY_DISABLE_CPU_FEATURES=$("$PY" -c "from numpy._core._multiarray_umath import _
 print(' '.join(f for f in d if f == 'X86_V4' or f.startswith('AVX512')))")
 export NPY_DISABLE_CPU_FEATURES
 "$PY" scripts/isa_report.py --expect avx2
-bash scripts/test.sh tests/test_pam.py tests/test_cam.py tests/test_general.py tests/test_cpu_lowp.py \
+bash scripts/test.sh tests/test_pam.py tests/test_cam.py tests/test_general.py tests/test_cpu_kernels.py \
   --margins-max 0.8 "$@"
