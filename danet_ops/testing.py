@@ -53,6 +53,9 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 # __expf/ex2.approx (after the range reduction) and numpy's SIMD exp (the Triton interpreter) are
 # each within 4 ulp of the exact value.
 EXP_ULP = 4.0
+# Standard deviations of the probabilistic bound of a long sum of independent roundings (Hoeffding):
+# exceeded with probability at most 2 exp(-LAMBDA^2 / 2) < 3e-14.
+LAMBDA = 8.0
 
 
 PAM_NAMES = ("y", "dq", "dk", "dv", "dx", "dgamma")   # the result, then each input's gradient
@@ -162,18 +165,29 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
     dtype before their tile products (Triton, CUDA, the CPU low-precision path): each conversion
     a relative error <= h, which the reference (rounding E, A and its bmm outputs instead) does
     not have in the same places.
+    Split rho_ij = r_i + e_ij into the row's common part r_i = u (2 |lse_i| + EXP_ULP log Nk)
+    (one lse per row: it scales the whole row of P^) and e_ij = u (|E_ij - lse_i| + EXP_ULP).
     Propagated to first order, with dO = gamma dy, dA = dO^T v, Delta_i = sum_c dO_ci O_ci
     (read from the forward's O, not from P^: the row identity sum_j P_ij (dA_ij - Delta_i) = 0
     does not absorb the perturbation), dE = scale P (dA - Delta):
         |d O_ci|   <= (EXP_ULP u + h) sum_j P_ij |v_cj|                      (y: times |gamma|)
-        |d dE_ij|  <= |scale| P_ij [(rho_ij + h) |dA_ij - Delta_i|
+        |d dE_ij|  <= r_i |dE_ij| + D_ij,   D_ij = |scale| P_ij [(e_ij + h) |dA_ij - Delta_i|
                                     + h (sum_c |dO_ci||v_cj| + sum_c |dO_ci||O_ci|)] + h |dE_ij|
-        |d dq_ci|  <= sum_j |d dE_ij| |k_cj|,      |d dk_cj| <= sum_i |d dE_ij| |q_ci|
+        |d dq_ci|  <= r_i |dq_ci| + sum_j D_ij |k_cj|    (r_i common to the row: sum_j dE_ij k_cj = dq_ci)
+        |d dk_cj|  <= sum_i (r_i |dE_ij| + D_ij) |q_ci|
         |d dv_cj|  <= sum_i (rho_ij + 2h) P_ij |dO_ci|
-        |d dgamma| <= sum_ci |dy_ci| |d O_ci|   (dgamma = sum dy O reads O);   dx = dy exactly.
+    dx = dy exactly. Each of these is the worst case (the errors aligned), per component; the
+    maximum over components is returned. dgamma = sum_ci dy_ci O_ci is ONE sum of B Cv Nq terms,
+    for which the worst case (every rounding of every P_ij aligned) would be hundreds of times
+    the error: there the roundings are taken as independent, each a bias common to all (at most
+    h: a truncating conversion) plus a zero-mean part bounded by EXP_ULP u + h (the standard
+    probabilistic model of rounding error, Higham & Mary 2019), and Hoeffding's inequality bounds
+    the sum of the zero-mean parts by LAMBDA standard deviations except with probability
+    2 exp(-LAMBDA^2 / 2) < 3e-14:
+        |d dgamma| <= h |dgamma| + LAMBDA (EXP_ULP u + h) sqrt(sum_ij (P_ij a_ij)^2),
+        a_ij = sum_c dy_ci v_cj         (d dgamma = sum_ij (d P_ij) a_ij).
     The online softmax's rescaling multiplies numerator and denominator by the same factor, and
-    the forward uses E as the reference does: no other term. Each bound is the worst case (the
-    errors aligned), taken per component, its maximum returned.
+    the forward uses E as the reference does: no other term.
     """
     u = UNIT_ROUNDOFF[stats_dtype(v.dtype)]
     h = _half_roundoff(v.dtype)
@@ -187,6 +201,7 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
     ak, av = k.abs(), v.abs()
     out = dict.fromkeys(PAM_NAMES, 0.0)
     dk_acc, dv_acc = torch.zeros_like(k), torch.zeros_like(v)
+    dgamma = dgamma_var = 0.0
 
     def peak(t):
         return t.max().item() if t.numel() else 0.0
@@ -200,20 +215,24 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
         d_a = torch.bmm(dOi.transpose(1, 2), v)                           # [B, n, Nk]
         delta = (dOi * o).sum(1).unsqueeze(-1)                            # [B, n, 1]
         d_e = s * p * (d_a - delta)
-        rho = torch.nan_to_num(u * (2 * lse.abs() + (e - lse).abs() + EXP_ULP * (1 + log_nk)),
-                               posinf=0.0)
-        d_de = abs(s) * p * ((rho + h) * (d_a - delta).abs()
+        r_row = u * (2 * lse.abs() + EXP_ULP * log_nk)                    # [B, n, 1]
+        e_el = torch.nan_to_num(u * ((e - lse).abs() + EXP_ULP), posinf=0.0)   # -inf logits: P = 0
+        d_el = abs(s) * p * ((e_el + h) * (d_a - delta).abs()
                              + h * (torch.bmm(dOi.abs().transpose(1, 2), av)
                                     + (dOi.abs() * o.abs()).sum(1).unsqueeze(-1))) + h * d_e.abs()
-        out["dq"] = max(out["dq"], peak(torch.bmm(ak, d_de.transpose(1, 2))))
-        dk_acc += torch.bmm(qi.abs(), d_de)
-        dv_acc += torch.bmm(dOi.abs(), (rho + 2 * h) * p)
+        dq = torch.bmm(k, d_e.transpose(1, 2))                            # [B, Cq, n]
+        dq_err = r_row.transpose(1, 2) * dq.abs() + torch.bmm(ak, d_el.transpose(1, 2))
+        out["dq"] = max(out["dq"], peak(dq_err))
+        dk_acc += torch.bmm(qi.abs(), r_row * d_e.abs() + d_el)
+        dv_acc += torch.bmm(dOi.abs(), (r_row + e_el + 2 * h) * p)
         o_err = (EXP_ULP * u + h) * torch.bmm(av, p.transpose(1, 2))      # [B, Cv, n]
         out["y"] = max(out["y"], abs(g) * peak(o_err))
-        out["dgamma"] += (dyi.abs() * o_err).sum().item()
+        a_dy = torch.bmm(dyi.transpose(1, 2), v)                          # a_ij = sum_c dy_ci v_cj
+        dgamma += (dyi * o).sum().item()
+        dgamma_var += ((p * a_dy) ** 2).sum().item()
     out["dk"], out["dv"] = peak(dk_acc), peak(dv_acc)
-    if gamma is None:
-        out["dgamma"] = 0.0
+    if gamma is not None:
+        out["dgamma"] = h * abs(dgamma) + LAMBDA * (EXP_ULP * u + h) * math.sqrt(dgamma_var)
     return out
 
 
@@ -231,7 +250,10 @@ def cam_extra_error(x, gamma, mode, dy):
         |d Delta_i| <= sum_l A_il (h |dA_il| + |d dA_il|) + 2h sum_n |dO_in| |O_in|
         |d dS_ij|  <= A_ij (h |dA_ij - Delta_i| + |d dA_ij| + |d Delta_i|) + h |dS_ij|
         |d dx_jn|  <= 2h sum_i A_ij |dO_in| + sum_l (|d dS_jl| + |d dS_lj|) |a_ln|
-        |d dgamma| <= sum_in |dy_in| (|d O_in| + h |O_in|)
+    and for the one sum dgamma = sum_in dy_in O_in (A_ij and O_in rounded; as in `pam_extra_error`):
+        |d dgamma| <= 2h |dgamma| + LAMBDA (EXP_ULP u + h) sqrt(sum_ij (A_ij b_ij)^2
+                                                               + sum_in (dy_in O_in)^2),
+        b_ij = sum_n dy_in a_jn.
     """
     u = UNIT_ROUNDOFF[stats_dtype(x.dtype)]
     h = _half_roundoff(x.dtype)
@@ -256,8 +278,11 @@ def cam_extra_error(x, gamma, mode, dy):
 
     def peak(t):
         return t.max().item() if t.numel() else 0.0
+    b = torch.bmm(dy, a.transpose(1, 2))
+    dgamma = (dy * o).sum().item()
+    sd = math.sqrt(((A * b) ** 2).sum().item() + ((dy * o) ** 2).sum().item())
     return {"y": abs(g) * peak(err_o), "dx": peak(err_dx),
-            "dgamma": 0.0 if gamma is None else (dy.abs() * (err_o + h * o.abs())).sum().item()}
+            "dgamma": 0.0 if gamma is None else 2 * h * abs(dgamma) + LAMBDA * (EXP_ULP * u + h) * sd}
 
 
 # ----------------------------------------------------------------------------- the comparisons
