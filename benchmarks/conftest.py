@@ -2,30 +2,32 @@
 
 Run: `pytest benchmarks/ --benchmark-only` (short: 32^2, 64^2) or with DANET_OPS_BENCH_FULL=1
 (CPU 32^2..128^2 and the model on CPU; GPU up to 128x256 and the model at 1024x2048).
-DANET_OPS_BENCH_OUT=DIR moves the output (default benchmarks/results/raw), and
 DANET_OPS_BENCH_DEVICES=cuda (comma list) restricts the devices.
 
 Each benchmark records in extra_info what the report (python -m benchmarks.report) needs: op,
 pass, backend, device, dtype, shape, FLOPs, bytes, peak memory, and a status ("ok", "OOM",
-"unsupported"). At the end the summary table is printed and last-<cpu|gpu>.json written (machine
-info, the matmul rate and copy bandwidth measured in this run, one row per benchmark with median
-and spread), with pytest-benchmark's own JSON beside it (pytest-benchmark-<cpu|gpu>.json).
+"unsupported", "skipped"). At the end the summary table is printed and bench-<cpu|gpu>.json
+written (machine info with the torch.mm rates measured at the start, the matmul rate and copy
+bandwidth of this run, one row per benchmark with median and spread), with pytest-benchmark's
+own JSON beside it (pytest-benchmark-<cpu|gpu>.json), in DANET_OPS_BENCH_OUT, by default
+benchmarks/results/tmp/ (ignored by git: the report copies them into its dated folder).
 """
 import ctypes
-import datetime
 import gc
 import json
 import os
 import pathlib
-import platform
 import re
 
 import pytest
 import torch
 
+from .machine import machine_info, rates_line, row_isa
+
 FULL = os.environ.get("DANET_OPS_BENCH_FULL", "0") == "1"
 RESULTS_DIR = os.environ.get("DANET_OPS_BENCH_OUT",
-                             os.path.join(os.path.dirname(__file__), "results", "raw"))
+                             os.path.join(os.path.dirname(__file__), "results", "tmp"))
+PEERS = ("reference", "sdpa", "flex")  # torch's own computation, timed beside the fused backends
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,7 +55,7 @@ def cpu_sizes():
 
 
 def gpu_sizes():
-    # Short run: SPEC §7 / issue 13's two GPU sizes (64x128 and Cityscapes' 128x256 at OS 8).
+    # Short run: the two GPU target sizes (64x128, and Cityscapes' 128x256 at output stride 8).
     return [(32, 32), (64, 64), (64, 128), (128, 128), (128, 256)] if FULL else [(64, 128), (128, 256)]
 
 
@@ -101,79 +103,6 @@ def sync(device):
 class Unsupported(Exception):
     """A peer that cannot run this case here (e.g. FlexAttention not compilable): an
     "unsupported" row, the other backends still run."""
-
-
-def cpu_capabilities():
-    try:
-        return dict(torch.cpu.get_capabilities())
-    except Exception:  # older torch: no cpuinfo query
-        return {}
-
-
-def matrix_isa():
-    """The CPU's best matrix ISA for the report: AMX-BF16 > AVX512-BF16 > AVX512 > AVX2."""
-    caps = cpu_capabilities()
-    names = [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512_f", "AVX512"),
-             ("avx2", "AVX2")]
-    isa = next((n for k, n in names if caps.get(k)), torch.backends.cpu.get_cpu_capability())
-    if caps.get("avx512_fp16") or caps.get("amx_fp16"):
-        isa += " + " + ("AMX-FP16" if caps.get("amx_fp16") else "AVX512-FP16")
-    return isa
-
-
-def cpu_lowp(dtype):
-    """Whether danet_ops' CPU kernels run `dtype` (bf16/fp16) on low-precision tiles here
-    (mirrors csrc/cpu/cpu_common.h: DANET_OPS_CPU_LOWP, else the CPU's matrix units)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    env = os.environ.get("DANET_OPS_CPU_LOWP", "")
-    if env:
-        return env != "0"
-    caps = cpu_capabilities()
-    if dtype == torch.bfloat16:  # brgemm bf16 tiles: AMX-BF16 or AVX512-BF16 (cpu_common.h)
-        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
-    return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
-
-
-def row_isa(device, dtype, backend):
-    """What a CPU row ran on: the matrix ISA and, for danet_ops' bf16/fp16 rows, the tile dtype."""
-    if device != "cpu":
-        return None
-    isa = matrix_isa()
-    dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if backend == "cpu" and dt in (torch.bfloat16, torch.float16):
-        isa += f" ({'bf16' if dt == torch.bfloat16 else 'fp16'} tiles)" if cpu_lowp(dt) else " (fp32 tiles)"
-    return isa
-
-
-def machine_info():
-    info = {
-        "cpu_isa": matrix_isa(),
-        "date": datetime.date.today().isoformat(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:  # not installed
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        return m.group(1).strip() if m else platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 _ROWS = []
@@ -253,8 +182,15 @@ def pytest_configure(config):
         opt.benchmark_json = pathlib.Path(path) if new else open(path, "wb")
 
 
+def pytest_report_header(config):
+    """The torch.mm rates of this CPU (measured here, once), which size the emulated-dtype cases."""
+    if "cpu" in devices() and not config.option.collectonly:
+        return [rates_line()]
+    return []
+
+
 def pytest_terminal_summary(terminalreporter):
-    from .report import derive  # the report's own arithmetic, so the JSON and the report agree
+    from .report import derive, rates_for_rows  # the report's arithmetic: the JSON and the report agree
 
     rows = [dict(info, **_stats(bm)) for bm, info in _ROWS]
     rows = [r for r in rows if r["status"] != "ok" or r.get("median_s") is not None]
@@ -266,10 +202,19 @@ def pytest_terminal_summary(terminalreporter):
               if r["op"] == "matmul" and r["dtype"] == canon.get(r["device"], r["dtype"])}
     matmul_dtype = {f"{r['device']}/{r['dtype']}": r["flops"] / r["median_s"] for r in ok
                     if r["op"] == "matmul"}
+    matmul_n = {f"{r['device']}/{r['dtype']}": r["N"] for r in ok if r["op"] == "matmul"}
     copy = {r["device"]: r["bytes"] / r["median_s"] for r in ok if r["op"] == "copy"}
-    out = derive([r for r in rows if r["op"] not in ("matmul", "copy")], matmul, copy, matmul_dtype)
+    machine = machine_info(cpu_rates="cpu" in devices())
+    out = derive([r for r in rows if r["op"] not in ("matmul", "copy")], matmul, copy,
+                 rates_for_rows(matmul_dtype, machine))
     tw = terminalreporter
     tw.section("danet_ops: speedup and memory vs reference (median time)")
+    if "cpu" in devices():
+        tw.write_line(rates_line())
+    for r in rows:
+        if r.get("note") and r["status"] in ("ok", "skipped"):
+            tw.write_line(f"sized: {r['op']} {r['pass']} {r['device']} {r['dtype']} {r['H']}x{r['W']} "
+                          f"{r['backend']}: {r['note']}")
     for key, rate in matmul_dtype.items():
         tw.write_line(f"{key} matmul rate measured in this run: {rate / 1e9:.1f} GFLOP/s")
     for dev, bw in copy.items():
@@ -292,10 +237,11 @@ def pytest_terminal_summary(terminalreporter):
             f"{f(r['frac_of_bandwidth'] and 100 * r['frac_of_bandwidth'], '%.0f%%'):>5} "
             f"{f(r['img_per_s'], '%.2f'):>6}")
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    payload = {"machine": machine_info(), "matmul_flops_per_s": matmul,
-               "matmul_flops_per_s_by_dtype": matmul_dtype, "copy_bytes_per_s": copy,
+    payload = {"machine": machine, "matmul_flops_per_s": matmul,
+               "matmul_flops_per_s_by_dtype": matmul_dtype, "matmul_n_by_dtype": matmul_n,
+               "copy_bytes_per_s": copy,
                "full": FULL, "rows": out}
-    path = os.path.join(RESULTS_DIR, f"last-{_kind()}.json")
+    path = os.path.join(RESULTS_DIR, f"bench-{_kind()}.json")
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=1)
     tw.write_line(f"summary written to {path}; report: python -m benchmarks.report --json {path}")

@@ -1,13 +1,13 @@
 """PAM and CAM forward and forward+backward: fused backends vs "reference" (the released bmm,
 the same baseline the tests use as oracle) and SDPA with scale=1.0, timed side by side.
 
-FLOPs counted per SPEC §7: PAM fwd 2·N²·(Cq+Cv), fwd+bwd 2·N²·(4·Cq+3·Cv) per image; CAM
+FLOPs per image: PAM fwd 2·N²·(Cq+Cv), fwd+bwd 2·N²·(4·Cq+3·Cv) per image; CAM
 (the reference's work) fwd 4·C²·N, fwd+bwd 12·C²·N per image. CAM's `bytes` is what it must
-stream at least (SPEC §7's bandwidth bound): x read and y written forward, plus dy and x read
+stream at least (the bandwidth bound): x read and y written forward, plus dy and x read
 and dx written backward, i.e. 2·C·N (fwd) or 5·C·N (fwd+bwd) elements per image. The copy
 bandwidth it is compared with is measured here too (test_copy_bandwidth).
 
-SDPA peer: on CUDA it is pinned to the memory-efficient kernel (SPEC §7's peer; a row says
+SDPA peer: on CUDA it is pinned to the memory-efficient kernel (the GPU target's peer; a row says
 "unsupported" if that kernel refuses the shapes); on CPU it takes the math path, which
 materialises N x N for Cq != Cv.
 
@@ -15,10 +15,19 @@ FlexAttention peer ("flex"): torch.compile'd flex_attention with scale=1.0; forw
 GPU, forward only on CPU (full sweep: its compilation takes minutes on 2 cores). A row says
 "unsupported" where it cannot run (no compilable backend, head sizes refused).
 
-CPU rows (SPEC §7, issue 15): fp32 and bf16 (reference in bf16 vs ours in bf16, which uses the
-CPU's bf16 matrix units where it has them; each row names the ISA), and "inputs" variants with
-the PAM logit std set to 8, 24 and 64 (DANet's real PAM logits span hundreds per row; the
-default inputs have logit std 0.64).
+CPU rows: fp32 and bf16 (reference in bf16 vs ours in bf16, which uses the CPU's bf16 matrix
+units where it has them; each row names the ISA), and "inputs" variants with the PAM logit std
+set to 8, 24 and 64 (DANet's real PAM logits span hundreds per row; the default inputs have
+logit std 0.64).
+
+Sized by the machine: where the CPU has no bf16 units (torch.mm in bf16 under 1/4 of the fp32
+rate, measured at the start: benchmarks/machine.py), the peers' bf16 rows (torch computes them
+in emulated bf16) get fewer timed rounds or are skipped, so that no case takes over
+DANET_OPS_BENCH_CASE_CAP_S (30 s), and the bf16 matmul-rate case shrinks to about 1.5 s a call;
+the row says so. danet_ops' own bf16 rows run in full.
+
+Before a fused backend is timed, its result and gradients are checked once per op, device and
+dtype against the float64 oracle with the tests' bounds (benchmarks/checks.py).
 """
 import os
 
@@ -27,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from danet_ops import backends as _backends, channel_attention, position_attention
-from .conftest import FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
+from danet_ops import channel_attention, position_attention
+from .checks import fused_backends, sanity
+from .conftest import PEERS, FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
+from .machine import matmul_size, plan_rounds
 
 C, CQ = 512, 64
 LOGIT_STDS = (8.0, 24.0, 64.0)
@@ -64,8 +75,7 @@ CASES = list(_cases())
 
 def _backends_for(op, case):
     dev, dtype, std = case[0], case[1], case[5]
-    names = ["reference"] + [b for b in ("cpu", "cuda", "triton")
-                             if not _backends.get(b).available(torch.device(dev), dtype, op)]
+    names = ["reference"] + fused_backends(op, dev, dtype)
     if op != "pam" or std is not None:
         return names
     peers = ["sdpa"] if (dev != "cpu" or dtype == torch.float32 or FULL) else []
@@ -141,10 +151,18 @@ def _bench(benchmark, record, fn, inputs, dev, info):
     run = fwd if info["pass"] == "fwd" else fwdbwd
     rounds = 3 if info["N"] >= 96 * 96 and dev == "cpu" else 5
     rounds = int(os.environ.get("DANET_OPS_BENCH_ROUNDS", rounds))  # e.g. 1 on a busy machine
+    input_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    sized = None
+    if info["backend"] in PEERS:  # torch's own computation: emulated where the CPU lacks the dtype
+        rounds, sized = plan_rounds(info["flops"], inputs[0].dtype, dev, rounds)
+        if rounds == 0:
+            record(benchmark, status="skipped", note=sized, peak_mem=None, input_bytes=input_bytes, **info)
+            pytest.skip(sized)
+    else:
+        sanity(info["op"], info["backend"], dev, inputs[0].dtype)
     status, mem, note = measure(benchmark, run, dev, rounds)
     out_holder.clear()
-    record(benchmark, status=status, note=note, peak_mem=mem,
-           input_bytes=sum(t.numel() * t.element_size() for t in inputs), **info)
+    record(benchmark, status=status, note=note or sized, peak_mem=mem, input_bytes=input_bytes, **info)
 
 
 def _params(op):
@@ -202,8 +220,10 @@ def _matmul_cases():
                          ids=lambda v: str(v).split(".")[-1])
 def test_matmul_rate(benchmark, record, dev, dtype):
     """The machine's dense matmul rate in this run: 4096^2 on CPU (fp32, and bf16 for the bf16
-    rows: oneDNN uses the bf16 matrix units where the CPU has them), bf16 8192^2 on GPU."""
-    n = 4096 if dev == "cpu" else 8192
+    rows: oneDNN uses the bf16 matrix units where the CPU has them; where it has none, bf16 is
+    emulated and the product shrinks to about 1.5 s a call), bf16 8192^2 on GPU."""
+    n = matmul_size(dtype, dev) if dev == "cpu" else 8192
+    note = None if n == 4096 or dev != "cpu" else f"{n}^2: {str(dtype)[6:]} is emulated on this CPU"
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
 
@@ -215,7 +235,7 @@ def test_matmul_rate(benchmark, record, dev, dtype):
     run()
     benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
     record(benchmark, op="matmul", backend="torch.mm", device=dev, dtype=str(dtype).split(".")[-1],
-           B=1, C=n, Cq=0, H=n, W=n, N=n, flops=2 * n ** 3, peak_mem=None, **{"pass": "fwd"})
+           B=1, C=n, Cq=0, H=n, W=n, N=n, flops=2 * n ** 3, peak_mem=None, note=note, **{"pass": "fwd"})
 
 
 @pytest.mark.parametrize("dev", devices())

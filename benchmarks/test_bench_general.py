@@ -1,4 +1,4 @@
-"""The general op (issue 14) beside DANet's PAM: keys/values with their own positions.
+"""The general op beside DANet's PAM: keys/values with their own positions.
 
 - SAGAN-like: keys and values max-pooled 2x2 (SAGAN's official code, Non-local sub-sampling):
   Nk = Nq / 4, scale 1.
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from danet_ops import backends as _backends, position_attention
+from danet_ops import position_attention
+from .checks import fused_backends
 from .conftest import FULL, devices
 from .test_bench_attention import C, CQ, _bench
 
@@ -37,8 +38,7 @@ def _params():
         dtype = torch.float32 if dev == "cpu" else torch.bfloat16
         for H, W in _sizes(dev):
             for kind in KINDS:
-                backends = ["reference", "sdpa"] + [b for b in ("cpu", "cuda", "triton")
-                                                    if not _backends.get(b).available(torch.device(dev), dtype, "pam")]
+                backends = ["reference", "sdpa"] + fused_backends("pam", dev, dtype)
                 for backend in backends:
                     for pas in ("fwdbwd", "fwd"):
                         yield pytest.param(dev, dtype, H, W, kind, backend, pas,
