@@ -1,15 +1,18 @@
 """Benchmark report: markdown, CSV and PNG plots from the benchmark suite's JSON.
 
-    python -m benchmarks.report                        # the newest benchmarks/results/raw/last-*.json
-                                                       # (or in $DANET_OPS_BENCH_OUT, as the suite)
-    python -m benchmarks.report --json A.json [B.json]  # given summaries (last-cpu.json, last-gpu.json)
+    python -m benchmarks.report                        # the newest bench-*.json of the suite's output
+                                                       # ($DANET_OPS_BENCH_OUT, else benchmarks/results/tmp)
+    python -m benchmarks.report --json A.json [B.json]  # given summaries (bench-cpu.json, bench-gpu.json)
     python -m benchmarks.report --run [--full]         # run `pytest benchmarks --benchmark-only` first
 
 For every device in the rows (cpu, cuda) it writes, under --out (default benchmarks/results):
-  <stem>.md    machine header, SPEC §7 verdicts, one table (and plot) per op and pass, model table
+  <stem>.md    machine header, verdicts against the performance targets, one table (and plot)
+               per op and pass, model table
   <stem>.csv   every row with the derived numbers and the machine columns
   <stem>/*.png one figure per op and pass (time, peak memory, FLOP rate, fraction of matmul rate
                and, for CAM, of the bandwidth bound; a line per backend and dtype) and the model
+  <stem>/*.json the raw output it was made from: each summary JSON and, where it lies beside
+               one, pytest-benchmark's JSON of the same run (every timed round)
 where <stem> is <cpu|gpu>-<device model>-<date of the run>. Every file names the device model,
 torch / triton / CUDA versions and the date. Input: the JSON benchmarks/conftest.py writes.
 """
@@ -19,12 +22,18 @@ import glob
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 import json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def raw_dir():
+    """Where the suite writes (benchmarks/conftest.py): ignored by git; each report keeps copies."""
+    return os.environ.get("DANET_OPS_BENCH_OUT") or os.path.join(HERE, "results", "tmp")
 BACKEND_ORDER = ("reference", "sdpa", "flex", "cpu", "cuda", "triton")
 PEERS = ("reference", "sdpa", "flex")
 SECTIONS = [("pam", "fwdbwd"), ("pam", "fwd"), ("cam", "fwdbwd"), ("cam", "fwd")]
@@ -76,14 +85,25 @@ def derive(rows, matmul, copy, matmul_dtype=None):
     return out
 
 
+def rates_for_rows(by_dtype, machine):
+    """The per-dtype matmul rates that rows' "% of matmul" divides by: each dtype's own where
+    measured, except a CPU dtype that this machine emulates (bf16 without bf16 units): its rows
+    fall back to the fp32 rate, the one danet_ops' CPU ops run at there."""
+    hw = machine.get("cpu_lowp_hardware") or {}
+    return {k: v for k, v in by_dtype.items()
+            if not (k.startswith("cpu/") and hw.get(k.split("/")[1]) is False)}
+
+
 def load(path):
     """One summary JSON -> {machine, matmul, copy, full, rows (derived), source}."""
     with open(path) as f:
         d = json.load(f)
     matmul, copy = d.get("matmul_flops_per_s") or {}, d.get("copy_bytes_per_s") or {}
     by_dtype = d.get("matmul_flops_per_s_by_dtype") or {}
-    return dict(machine=d.get("machine") or {}, matmul=matmul, matmul_dtype=by_dtype, copy=copy,
-                full=d.get("full"), rows=derive(d.get("rows") or [], matmul, copy, by_dtype),
+    return dict(machine=d.get("machine") or {}, matmul=matmul, matmul_dtype=by_dtype,
+                matmul_n=d.get("matmul_n_by_dtype") or {}, copy=copy,
+                full=d.get("full"),
+                rows=derive(d.get("rows") or [], matmul, copy, rates_for_rows(by_dtype, d.get("machine") or {})),
                 source=path)
 
 
@@ -100,11 +120,12 @@ def groups(runs):
         for dev in sorted({r["device"] for r in run["rows"]}):
             key = (dev, device_model(m, dev), m.get("date", "unknown-date"))
             g = out.setdefault(key, dict(device=dev, model=key[1], date=key[2], machine=m,
-                                         matmul=None, matmul_dtype={}, copy=None, full=False,
+                                         matmul=None, matmul_dtype={}, matmul_n={}, copy=None, full=False,
                                          sources=[], rows={}))
             g["matmul"] = run["matmul"].get(dev) or g["matmul"]
             g["matmul_dtype"].update({k: v for k, v in (run.get("matmul_dtype") or {}).items()
                                       if k.startswith(dev + "/")})
+            g["matmul_n"].update({k: v for k, v in run["matmul_n"].items() if k.startswith(dev + "/")})
             g["copy"] = run["copy"].get(dev) or g["copy"]
             g["full"] = g["full"] or bool(run["full"])
             g["sources"].append(run["source"])
@@ -128,7 +149,7 @@ def _find(rows, op, pas, backend, dtype, B, H, W, variant=""):
     return None
 
 
-# ----------------------------------------------------------------------------- SPEC §7 verdicts
+# ----------------------------------------------------------------------------- verdicts against the targets
 
 # (device, dtype, B, target text, op, pass, (H, W), metric, threshold)
 TARGETS = [
@@ -159,11 +180,13 @@ def _verdict(rows, dtype, B, op, pas, size, metric, thr, backend):
     r = _find(rows, op, pas, backend, dtype, B, H, W)
     if r is None:
         return f"no {H}×{W} {dtype} B={B} row", "not measured"
+    if r["status"] == "skipped":
+        return r.get("note") or "skipped", "not measured"
     if not _ok(r):
         return r["status"], "FAIL"
     if metric in ("speedup", "mem", "sdpa"):
         peer = _find(rows, op, pas, "sdpa" if metric == "sdpa" else "reference", dtype, B, H, W)
-        if peer is None or peer["status"] == "unsupported":
+        if peer is None or peer["status"] in ("unsupported", "skipped"):
             return f"peer {peer['status'] if peer else 'not run'}", "not measured"
         if peer["status"] == "OOM":
             return f"{peer['backend']} OOM, {backend} ran", "pass"
@@ -192,7 +215,7 @@ def _verdict(rows, dtype, B, op, pas, size, metric, thr, backend):
 
 
 def verdicts(g):
-    """[(target, backend, measured, verdict)] for every SPEC §7 target and fused backend."""
+    """[(target, backend, measured, verdict)] for every performance target and fused backend."""
     out = []
     for dev, dtype, B, text, op, pas, size, metric, thr in TARGETS:
         rows = g["rows"] if g["device"] == dev else []
@@ -286,28 +309,56 @@ def _model_table(rows):
     return _md_table(head, body)
 
 
-def write_markdown(g, path, plots):
-    m, c = g["machine"], meta_columns(g)
+def _matmul_line(g):
+    """The dense matmul rate of the run: the canonical dtype first, then the others, with sizes."""
     div, unit = _rate_unit(g)
+    canon = "bfloat16" if g["device"] == "cuda" else "float32"
+    default_n = 8192 if g["device"] == "cuda" else 4096
+    rates = dict(g.get("matmul_dtype") or {})
+    rates.setdefault(f"{g['device']}/{canon}", g["matmul"])
+    keys = sorted(rates, key=lambda k: (k.split("/")[1] != canon, k))
+    parts = []
+    for k in keys:
+        n = g.get("matmul_n", {}).get(k, default_n)
+        parts.append(f"{k.split('/')[1]}: " + _fmt(rates[k], f"%.2f {unit}", 1e-9 / div) + f" ({n}² torch.mm)")
+    return "; ".join(parts)
+
+
+def _probe_line(m):
+    """The CPU's torch.mm rates measured at the start of the run (benchmarks/machine.py)."""
+    rates, hw = m.get("cpu_mm_gflops"), m.get("cpu_lowp_hardware") or {}
+    if not rates:
+        return "not recorded"
+    return ", ".join(f"{k} {v:.1f}" + ("" if hw.get(k, True) else " (emulated: no hardware)")
+                     for k, v in rates.items()) + " GFLOP/s"
+
+
+def write_markdown(g, path, plots, sources=None):
+    m, c = g["machine"], meta_columns(g)
     rel = os.path.basename(stem(g))
+    sources = g["sources"] if sources is None else sources
     info = [("device", f"{c['device']}: {c['device_model']}"),
             ("CPU", f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {m.get('threads', '?')} torch threads)"),
             ("CPU matrix ISA", m.get("cpu_isa", "not recorded")),
             ("torch", c["torch"]), ("triton", c["triton"]), ("CUDA", c["cuda"]),
             ("Python", m.get("python", "?")), ("date", c["date"]),
             ("sweep", "full (DANET_OPS_BENCH_FULL=1)" if g["full"] else "short (default; the full sweep is DANET_OPS_BENCH_FULL=1)"),
-            ("matmul rate, this run", _fmt(g["matmul"], f"%.2f {unit}", 1e-9 / div)
-             + (" (bf16 8192² torch.mm)" if g["device"] == "cuda" else " (fp32 4096² torch.mm)")
-             + "".join(f"; {k.split('/')[1]}: " + _fmt(v, f"%.2f {unit}", 1e-9 / div)
-                       for k, v in sorted(g.get("matmul_dtype", {}).items())
-                       if k.split("/")[1] != ("bfloat16" if g["device"] == "cuda" else "float32"))),
-            ("copy bandwidth, this run", _fmt(g["copy"], "%.1f GB/s", 1e-9)),
-            ("source", ", ".join(s if os.path.relpath(s).startswith("..") else os.path.relpath(s)
-                                 for s in g["sources"]))]
+            ("matmul rate, this run", _matmul_line(g)),
+            ("copy bandwidth, this run", _fmt(g["copy"], "%.1f GB/s", 1e-9))]
+    if g["device"] == "cpu":
+        info.append(("torch.mm at the start (sizes the run)", _probe_line(m)))
+    if m.get("isa_caps"):
+        info.append(("ISA caps", ", ".join(f"`{k}={v}`" for k, v in m["isa_caps"].items())))
+    info.append(("raw output", ", ".join(_md_path(s, path) for s in sources)))
+    sized = [r for r in g["rows"] if r.get("note") and r["status"] in ("ok", "skipped")]
     parts = [f"# danet_ops benchmarks: {g['model']} ({g['device']}), {g['date']}", "",
              _md_table(["", ""], info), "",
-             "## SPEC §7 targets", "",
+             "## Performance targets", "",
              _md_table(["target", "backend", "measured", "verdict"], verdicts(g)), ""]
+    if sized:
+        parts += ["## Cases sized by the machine", ""]
+        parts += [f"- {r['op']} {r['pass']} {r['dtype']} {r['H']}×{r['W']} {r['backend']}: {r['note']}"
+                  for r in sized] + [""]
     for op, pas in SECTIONS:
         rows = [r for r in g["rows"] if r["op"] == op and r["pass"] == pas]
         if rows:
@@ -332,7 +383,7 @@ def write_markdown(g, path, plots):
               f"{'each followed by `torch.cuda.synchronize()`' if g['device'] == 'cuda' else 'wall clock'}; "
               "every backend and peer was timed in the same run.",
               f"- Peak memory: memory above the inputs, {peak}.",
-              "- FLOPs (SPEC §7), per image: PAM fwd 2·N²·(Cq+Cv), fwd+bwd 2·N²·(4·Cq+3·Cv); CAM fwd "
+              "- FLOPs, per image: PAM fwd 2·N²·(Cq+Cv), fwd+bwd 2·N²·(4·Cq+3·Cv); CAM fwd "
               "4·C²·N, fwd+bwd 12·C²·N (the reference's work). “% of matmul” divides the achieved rate by "
               "the dense matmul rate measured in the same run.",
               "- CAM bandwidth bound: the bytes CAM must stream at least (x read and y written forward; dy "
@@ -446,15 +497,43 @@ def plot(g, folder):
     return out
 
 
+def _md_path(p, md):
+    """p as a link relative to the markdown file when it lies below the file's folder."""
+    r = os.path.relpath(p, os.path.dirname(os.path.abspath(md)))
+    return p if r.startswith("..") else r
+
+
+def keep_raw(sources, folder):
+    """Copy each summary JSON (and pytest-benchmark's JSON beside a bench-<kind>.json) into the
+    report's dated folder, names kept (a clash gets -2, -3, ...); returns the copies' paths."""
+    os.makedirs(folder, exist_ok=True)
+    kept, used = [], set()
+    for src in sources:
+        m = re.fullmatch(r"bench-(\w+)\.json", os.path.basename(src))
+        extra = os.path.join(os.path.dirname(src), f"pytest-benchmark-{m.group(1)}.json") if m else None
+        for p in [src] + ([extra] if extra and os.path.exists(extra) else []):
+            base, ext = os.path.splitext(os.path.basename(p))
+            dst, n = os.path.join(folder, base + ext), 2
+            while dst in used:  # the same name from another source of this report
+                dst, n = os.path.join(folder, f"{base}-{n}{ext}"), n + 1
+            used.add(dst)
+            if not (os.path.exists(dst) and os.path.samefile(dst, p)):
+                shutil.copyfile(p, dst)
+            kept.append(dst)
+    return kept
+
+
 def write_report(paths, out_dir):
-    """Write the md, csv and png files for every device in the JSON files; returns the md paths."""
+    """Write the md, csv and png files for every device in the JSON files, and copy the JSON files
+    into each report's dated folder; returns the md paths."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for g in groups([load(p) for p in paths]).values():
         s = os.path.join(out_dir, stem(g))
+        sources = keep_raw(g["sources"], s)
         plots = plot(g, s)
         write_csv(g, s + ".csv")
-        write_markdown(g, s + ".md", plots)
+        write_markdown(g, s + ".md", plots, sources)
         written.append(s + ".md")
     return written
 
@@ -469,26 +548,26 @@ def run_suite(raw_dir, full, extra):
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), "--benchmark-only", "-q"] + extra
     print("[report] running:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
-    fresh = [p for p in glob.glob(os.path.join(raw_dir, "last-*.json")) if os.path.getmtime(p) >= start]
+    fresh = [p for p in glob.glob(os.path.join(raw_dir, "bench-*.json")) if os.path.getmtime(p) >= start]
     return rc, fresh
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", nargs="+", metavar="PATH", help="summary JSON(s) written by the benchmark suite "
-                    "(default: the newest last-*.json in $DANET_OPS_BENCH_OUT or benchmarks/results/raw)")
+                    "(default: the newest bench-*.json in $DANET_OPS_BENCH_OUT or benchmarks/results/tmp)")
     ap.add_argument("--run", action="store_true", help="run `pytest benchmarks --benchmark-only` first")
     ap.add_argument("--full", action="store_true", help="with --run: the full sweep (DANET_OPS_BENCH_FULL=1)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default benchmarks/results)")
     ap.add_argument("pytest_args", nargs="*", help="with --run: extra pytest arguments (after --)")
     args = ap.parse_args(argv)
-    rc, raw = 0, os.environ.get("DANET_OPS_BENCH_OUT") or os.path.join(HERE, "results", "raw")
+    rc, raw = 0, raw_dir()
     if args.run:
         rc, paths = run_suite(raw, args.full, args.pytest_args)
     elif args.json:
         paths = args.json
     else:
-        found = glob.glob(os.path.join(raw, "last-*.json"))
+        found = glob.glob(os.path.join(raw, "bench-*.json"))
         paths = [max(found, key=os.path.getmtime)] if found else []
     if not paths:
         ap.error("no benchmark summary JSON found: pass --json PATH or --run")

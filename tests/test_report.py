@@ -1,5 +1,6 @@
 """benchmarks/report.py on tiny synthetic benchmark summaries (CPU and GPU): files, header,
-OOM rows, derived numbers and the SPEC §7 verdicts. No benchmark is run."""
+OOM and skipped rows, derived numbers, the verdicts against the performance targets, and the raw
+JSON kept in the dated folder. No benchmark is run."""
 import csv
 import json
 
@@ -57,8 +58,8 @@ def write(path, machine, rows, matmul, copy):
 
 
 def test_report_files_header_oom_and_verdicts(tmp_path):
-    cpu = write(tmp_path / "last-cpu.json", MACHINE, CPU_ROWS, {"cpu": 100e9}, {"cpu": 10e9})
-    gpu = write(tmp_path / "last-gpu.json", dict(MACHINE, gpu="NVIDIA H100 80GB HBM3", cuda="13.0"),
+    cpu = write(tmp_path / "bench-cpu.json", MACHINE, CPU_ROWS, {"cpu": 100e9}, {"cpu": 10e9})
+    gpu = write(tmp_path / "bench-gpu.json", dict(MACHINE, gpu="NVIDIA H100 80GB HBM3", cuda="13.0"),
                 GPU_ROWS, {"cuda": 700e12}, {"cuda": 3e12})
     out = tmp_path / "results"
     assert report.main(["--json", cpu, gpu, "--out", str(out)]) == 0
@@ -68,7 +69,7 @@ def test_report_files_header_oom_and_verdicts(tmp_path):
     for md, pngs in [(cpu_md, ["pam-fwdbwd", "pam-fwd", "cam-fwdbwd", "model"]),
                      (gpu_md, ["pam-fwdbwd", "cam-fwdbwd"])]:
         text = md.read_text()
-        for word in ["2.11.0+cu130", "triton", "3.6.0", "2026-11-20", "SPEC §7"]:
+        for word in ["2.11.0+cu130", "triton", "3.6.0", "2026-11-20", "Performance targets"]:
             assert word in text
         for name in pngs:
             png = out / md.stem / f"{name}.png"
@@ -113,3 +114,40 @@ def test_derive_matches_spec_flops():
     assert r[1]["gflops"] == pytest.approx(2 * 4096 ** 2 * (64 + 512) / 1e9)
     assert r[1]["frac_of_matmul"] == pytest.approx(r[1]["gflops"])
     assert r[1]["frac_of_bandwidth"] is None and r[1]["img_per_s"] is None
+
+
+def test_raw_output_kept_in_the_dated_folder_and_sized_rows(tmp_path, monkeypatch):
+    # A run on a CPU whose bf16 is emulated: the bf16 reference row skipped, the matmul shrunk.
+    raw = tmp_path / "tmp"
+    raw.mkdir()
+    machine = dict(MACHINE, cpu_mm_gflops={"float32": 112.0, "bfloat16": 0.9, "float16": 0.8},
+                   cpu_lowp_hardware={"bfloat16": False, "float16": False},
+                   isa_caps={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    why = "skipped: bfloat16 is emulated on this CPU (0.9 GFLOP/s against fp32's 112): ~500 s a call"
+    rows = CPU_ROWS + [
+        row("pam", "fwd", "reference", 96, 96, None, None, dtype="bfloat16", status="skipped", note=why),
+        row("pam", "fwd", "cpu", 96, 96, 1.0, 20 * MIB, dtype="bfloat16")]
+    summary = raw / "bench-cpu.json"
+    summary.write_text(json.dumps({
+        "machine": machine, "matmul_flops_per_s": {"cpu": 100e9},
+        "matmul_flops_per_s_by_dtype": {"cpu/float32": 100e9, "cpu/bfloat16": 0.9e9},
+        "matmul_n_by_dtype": {"cpu/float32": 4096, "cpu/bfloat16": 768},
+        "copy_bytes_per_s": {"cpu": 10e9}, "full": True, "rows": rows}))
+    (raw / "pytest-benchmark-cpu.json").write_text('{"benchmarks": []}')
+    monkeypatch.setenv("DANET_OPS_BENCH_OUT", str(raw))
+    out = tmp_path / "results"
+    assert report.main(["--out", str(out)]) == 0   # the newest bench-*.json of the suite's output
+
+    md = out / "cpu-test-cpu-9000-2026-11-20.md"
+    folder = out / md.stem
+    assert (folder / "bench-cpu.json").read_text() == summary.read_text()
+    assert (folder / "pytest-benchmark-cpu.json").read_text() == '{"benchmarks": []}'
+    text = md.read_text()
+    assert f"| raw output | {md.stem}/bench-cpu.json, {md.stem}/pytest-benchmark-cpu.json |" in text
+    assert "bfloat16 0.9 (emulated: no hardware)" in text and "`ONEDNN_MAX_CPU_ISA=AVX2`" in text
+    assert "bfloat16: 0.90 GFLOP/s (768² torch.mm)" in text
+    assert f"- pam fwd bfloat16 96×96 reference: {why}" in text
+    assert "| bfloat16 | 96×96 | 1 | reference | **skipped** |" in text
+    g = report.groups([report.load(str(summary))])[("cpu", "Test CPU 9000", "2026-11-20")]
+    verdict = {(t, b): (m, v) for t, b, m, v in report.verdicts(g)}
+    assert verdict["bf16 PAM fwd ≥ 1.5× the bf16 reference at 96×96", "cpu"] == ("peer skipped", "not measured")
