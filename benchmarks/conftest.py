@@ -213,7 +213,7 @@ def pytest_terminal_summary(terminalreporter):
         tw.write_line(rates_line())
     for r in rows:
         if r.get("note") and r["status"] in ("ok", "skipped"):
-            tw.write_line(f"sized: {r['op']} {r['pass']} {r['device']} {r['dtype']} {r['H']}x{r['W']} "
+            tw.write_line(f"note: {r['op']} {r['pass']} {r['device']} {r['dtype']} {r['H']}x{r['W']} "
                           f"{r['backend']}: {r['note']}")
     for key, rate in matmul_dtype.items():
         tw.write_line(f"{key} matmul rate measured in this run: {rate / 1e9:.1f} GFLOP/s")

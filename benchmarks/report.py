@@ -356,7 +356,7 @@ def write_markdown(g, path, plots, sources=None):
              "## Performance targets", "",
              _md_table(["target", "backend", "measured", "verdict"], verdicts(g)), ""]
     if sized:
-        parts += ["## Cases sized by the machine", ""]
+        parts += ["## Notes on rows (sized by the machine, failed checks)", ""]
         parts += [f"- {r['op']} {r['pass']} {r['dtype']} {r['H']}×{r['W']} {r['backend']}: {r['note']}"
                   for r in sized] + [""]
     for op, pas in SECTIONS:

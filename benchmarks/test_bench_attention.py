@@ -26,8 +26,9 @@ in emulated bf16) get fewer timed rounds or are skipped, so that no case takes o
 DANET_OPS_BENCH_CASE_CAP_S (30 s), and the bf16 matmul-rate case shrinks to about 1.5 s a call;
 the row says so. danet_ops' own bf16 rows run in full.
 
-Before a fused backend is timed, its result and gradients are checked once per op, device and
-dtype against the float64 oracle with the tests' bounds (benchmarks/checks.py).
+Each fused backend's result and gradients are checked once per op, device and dtype against the
+float64 oracle with the tests' bounds (benchmarks/checks.py); a backend that fails is still
+timed, its row says so, and the case fails.
 """
 import os
 
@@ -152,17 +153,22 @@ def _bench(benchmark, record, fn, inputs, dev, info):
     rounds = 3 if info["N"] >= 96 * 96 and dev == "cpu" else 5
     rounds = int(os.environ.get("DANET_OPS_BENCH_ROUNDS", rounds))  # e.g. 1 on a busy machine
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
-    sized = None
+    sized = wrong = None
     if info["backend"] in PEERS:  # torch's own computation: emulated where the CPU lacks the dtype
         rounds, sized = plan_rounds(info["flops"], inputs[0].dtype, dev, rounds)
         if rounds == 0:
             record(benchmark, status="skipped", note=sized, peak_mem=None, input_bytes=input_bytes, **info)
             pytest.skip(sized)
     else:
-        sanity(info["op"], info["backend"], dev, inputs[0].dtype)
+        try:
+            sanity(info["op"], info["backend"], dev, inputs[0].dtype)
+        except AssertionError as exc:  # timed all the same, and the case fails
+            wrong = f"oracle check failed: {exc}"
     status, mem, note = measure(benchmark, run, dev, rounds)
     out_holder.clear()
-    record(benchmark, status=status, note=note or sized, peak_mem=mem, input_bytes=input_bytes, **info)
+    record(benchmark, status=status, note=wrong or note or sized, peak_mem=mem, input_bytes=input_bytes, **info)
+    if wrong:
+        pytest.fail(wrong)
 
 
 def _params(op):
