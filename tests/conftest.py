@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from danet_ops import testing
+# re-exported for the test files: the oracle comparison lives in danet_ops.testing
 from danet_ops.testing import (FLOOR, PAM_NAMES, CAM_NAMES, compare_to_oracle, max_err,  # noqa: F401
                                run_with_grads, tf32, to64)
 
@@ -127,11 +128,6 @@ def compiled_matches_eager(module, x, backend, tol=1e-4, param_tol=1e-3):
         assert max_err(p.grad, g) < param_tol
 
 
-def assert_close_to_oracle(name, got, oracle, lowp_ref=None, floor=1e-5):
-    """got vs the float64 oracle; bound = max(2 * err(lowp_ref), floor * scale)."""
-    testing.check(name, got, oracle, lowp_ref, floor)
-
-
 def compare_pam(backend, inputs, floor, **kw):
     """position_attention(*inputs, backend=backend, **kw): y and every gradient vs the float64
     oracle (danet_ops.testing.compare_pam: 2x the reference's own error + the analysis terms of
@@ -228,9 +224,6 @@ BACKENDS = _targets()   # reference, cpu, cpu-lowp, cpu-fp32tiles, cuda, triton-
 # One floor per dtype for every backend: what the Triton, CUDA and CPU low-precision kernels do
 # beyond the reference (P, dO, dE rounded to the input dtype) is in the bound's analysis term
 # (danet_ops.testing.pam_extra_error / cam_extra_error), not in a per-backend floor.
-TRITON_FLOOR = FLOOR
-
-
 def floor(dtype, backend_id=None):
     """The floor of the error bound for this dtype (the same for every backend)."""
     return FLOOR[dtype]

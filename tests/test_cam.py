@@ -65,7 +65,7 @@ def test_channel_counts(backend, C, dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,case,dtype", backend_grid(
     [(layout, shape) for shape in [(2, 9, 11, 7), (2, 20, 7, 7)] for layout in LAYOUTS],
-    [torch.float64, torch.float32], keep=lambda b, c, dt: b != "triton-interp" or _small(c[1])))
+    [torch.float64, torch.float32, torch.float16], keep=lambda b, c, dt: b != "triton-interp" or _small(c[1])))
 def test_layouts(backend, case, dtype, mode):
     # Read in place (run_with_grads keeps the view: its leaves are detached views, not clones).
     layout, shape = case
@@ -93,6 +93,15 @@ def test_batch_strided_and_expanded_inputs(backend, shape, dtype, mode, kind):
         assert x.stride(0) == 0
     assert x.shape[0] == B and not x.is_contiguous()
     _compare([x, g], mode, floor(dtype, backend), name)
+
+
+# The GPU backends at DANet's C = 512 and a ragged size (small activations: E = a a^T sums N terms).
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid(
+    [(2, 512, 32, 32), (1, 37, 29, 31)], [torch.float32, torch.float16, torch.bfloat16],
+    backends=("triton-cuda", "cuda")))
+def test_gpu_sizes_match_oracle(backend, shape, dtype, mode):
+    _run(backend, shape, dtype, mode, scale=0.05)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -160,13 +169,15 @@ def _cam_fp32_gram(x, g, mode, chunks):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("backend", backend_params("cpu", "cpu-lowp", "cpu-fp32tiles", "triton-cuda", "cuda"))
+@pytest.mark.parametrize("backend", backend_params("cpu", "cpu-lowp", "cpu-fp32tiles", "triton-interp",
+                                                   "triton-cuda", "cuda"))
 def test_fp16_gram_overflow_stays_finite(backend, mode):
-    """C=64 at 64x64 with activations around 6: Gram entries ~1.5e5 > 65504 (fp16 max). (The
-    interpreter's case is smaller: test_triton.py::test_interp_cam_fp16_energy_beyond_fp16_range.)"""
+    """C=64 at 64x64 with activations around 6: Gram entries ~1.5e5 > 65504 (fp16 max); the
+    interpreter's case is C=16 at 16x16 with activations around 17 (E ~ 7.4e4)."""
     name, dev = device_for(backend, "cam", torch.float16)
     gen = torch.Generator().manual_seed(0)
-    x64 = 6.0 + torch.randn(1, 64, 64, 64, generator=gen, dtype=torch.float64)
+    C, H, mean = (16, 16, 17.0) if backend == "triton-interp" else (64, 64, 6.0)
+    x64 = mean + torch.randn(1, C, H, H, generator=gen, dtype=torch.float64)
     x = x64.half().to(dev)
     g = torch.tensor([0.5], device=dev)
     energy = torch.bmm(x.double().flatten(2), x.double().flatten(2).transpose(1, 2))
@@ -178,7 +189,7 @@ def test_fp16_gram_overflow_stays_finite(backend, mode):
     # The fp16 reference gives NaN here, so the bound is 2x the fp32 reference's own error on the
     # same (fp16-valued) inputs. Its one error source that matters is the Gram's fp32 summation:
     # E ~ 1.5e5 carries ~5e-2 absolute error before the softmax, and two logits of a row lie
-    # within 1 of each other, so y's error is set by the ORDER in which the N = 4096 products are
+    # within 1 of each other, so y's error is set by the ORDER in which the N products are
     # summed. A worst-case bound (N u |E| ~ 37) says nothing here; instead the reference's error
     # is taken over the summation orders a blocked kernel can use: N split into 1 .. 64 chunks
     # (block lengths 4096 .. 64) summed in fp32. Measured on this input: 1.2e-3 .. 8.7e-3 across

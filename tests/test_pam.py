@@ -10,8 +10,10 @@ import torch
 
 import danet_ops
 from danet_ops import PositionAttention, position_attention, reference
-from danet_ops.testing import check_bound
-from conftest import (FLOOR, LAYOUTS, backend_grid, backend_params, compare_pam, device_for,
+from danet_ops import backends
+from danet_ops._contract import stats_dtype
+from danet_ops.testing import UNIT_ROUNDOFF, check_bound
+from conftest import (BACKENDS, FLOOR, LAYOUTS, backend_grid, backend_params, compare_pam, device_for,
                       floor, GENERAL_CASES, general_inputs, lowp_bound, max_err, pam_inputs, pam_minus_inf_inputs,
                       run_with_grads, tf32, to64)
 
@@ -81,14 +83,6 @@ def test_half_inputs_match_oracle(backend, shape, dtype):
     # CPU: fp32 tiles or low-precision tile products (both forced); GPU: tensor-core tiles. The
     # output's dtype is the reference's (promote(v, x, gamma) with an fp32 gamma: fp32).
     _run(backend, shape, dtype)
-
-
-@pytest.mark.parametrize("backend", backend_params("triton-interp"))
-def test_triton_interp_bf16_upcast_path(backend):
-    # The interpreter's bf16 tl.dot is wrong; the kernels upcast bf16 tiles there (f32_dot).
-    from danet_ops._triton import _runtime
-    device_for(backend, "pam", torch.bfloat16)
-    assert _runtime.f32_dot(torch.bfloat16) and not _runtime.f32_dot(torch.float16)
 
 
 LAYOUT_CASES = [(layout, shape) for shape in [(2, 8, 24, 11, 9), (2, 4, 20, 5, 7)]
@@ -192,6 +186,55 @@ def test_general_op_layouts(backend, case, dtype):
     q, k, v, x, g = general_inputs(1, 4, 8, (8, 6), (4, 3), dtype=dtype, layout=layout, device=dev,
                                    residual=residual)
     compare_pam(name, [q, k.contiguous(), v.contiguous(), x, g], floor(dtype, backend), scale=0.5)
+
+
+# The GPU backends at the sizes their tiles are tuned for (DANet's Cq = 64, Cv = 512; Cq = 256;
+# Cv = 4096), where the CPU backends' cases above are small.
+GPU_SHAPES = [(2, 64, 512, 32, 32), (1, 8, 24, 37, 29), (1, 256, 64, 16, 16), (1, 16, 4096, 8, 8)]
+
+
+@pytest.mark.parametrize("backend,shape,dtype", backend_grid(
+    GPU_SHAPES, [torch.float32, torch.float16, torch.bfloat16], backends=("triton-cuda", "cuda")))
+def test_gpu_sizes_match_oracle(backend, shape, dtype):
+    _run(backend, shape, dtype)
+
+
+FUSED = tuple(b for b, t in BACKENDS.items() if t.backend != "reference")
+
+
+@pytest.mark.parametrize("backend,case,dtype", backend_grid(
+    [(2, 5, 20, 13, 9)], [torch.float64, torch.float32, torch.float16, torch.bfloat16], backends=FUSED))
+def test_fused_forward_outputs(backend, case, dtype):
+    # The op's own outputs: O in the compute dtype (fp32 for fp16/bf16: the backward's Delta reads
+    # it unrounded), callers get v's dtype; lse = log sum_j exp(E_ij) in fp32, a few ulps of |lse|
+    # (fp32 statistics over Nk <= 13 terms; the oracle sees the same half-rounded inputs).
+    name, dev = device_for(backend, "pam", dtype)
+    B, Cq, Cv, Nq, Nk = case
+    q, k, v, _, _ = general_inputs(B, Cq, Cv, (Nq,), (Nk,), dtype=dtype, device=dev, residual=False)
+    o, lse, y = backends.get(name).op("pam_forward")(q, k, v, None, None, 0.5)
+    assert o.dtype == stats_dtype(dtype) and lse.dtype == stats_dtype(dtype) and y.shape == (0,)
+    assert torch.equal(position_attention(q, k, v, scale=0.5, backend=name), o.to(dtype))
+    lse64 = torch.logsumexp(0.5 * torch.bmm(q.double().transpose(1, 2), k.double()), dim=-1)
+    check_bound("lse", max_err(lse, lse64), 8 * UNIT_ROUNDOFF[stats_dtype(dtype)] * max(
+        lse64.abs().max().item(), 1.0) * Nk, "ulps")
+
+
+@pytest.mark.parametrize("backend,case,dtype", backend_grid(["Nk=1"], [torch.float32], backends=FUSED))
+def test_one_key_is_exact_and_scale_one_is_the_default(backend, case, dtype):
+    # One key: softmax is exactly 1 whatever the scale, so o == v (broadcast over the queries),
+    # dq = dk = 0 exactly and dv = the sum of dO over the queries; scale = 1 given explicitly is
+    # the schema's default: the same kernels, bit for bit.
+    name, dev = device_for(backend, "pam", dtype)
+    b = backends.get(name)
+    q, k, v, _, _ = general_inputs(1, 3, 5, (10,), (1,), dtype=dtype, device=dev, residual=False)
+    o, lse, _ = b.op("pam_forward")(q, k, v, None, None, 0.5)
+    assert torch.equal(o, v.expand(1, 5, 10))
+    dq, dk, dv, _ = b.op("pam_backward")(torch.ones_like(o), q, k, v, o, lse, None, 0.5)
+    assert dq.abs().max() == 0 and dk.abs().max() == 0
+    assert torch.equal(dv, torch.full_like(v, 10.0))               # 10 queries, dO = 1 each
+    inputs = general_inputs(1, 4, 20, (19,), (7,), dtype=dtype, device=dev)
+    a, c = b.op("pam_forward")(*inputs), b.op("pam_forward")(*inputs, 1.0)
+    assert all(torch.equal(s, t) for s, t in zip(a, c))
 
 
 @pytest.mark.parametrize("backend,shape,dtype", backend_grid(

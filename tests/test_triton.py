@@ -1,8 +1,9 @@
 """Backend "triton", what is Triton's own: op registration and schemas, lazy import (and import
 without triton), the autotune pruner, the offline sm_90 / sm_80 compile (shared memory, the
-matrix instruction in the SASS, no spills on sm_90), the host code's copies, the general op's
-lse, the CAM split reduction, torch.compile, and the GPU checks (autotuning, TF32,
-determinism). The op-vs-oracle cases of PAM and CAM run on every backend, triton included, in
+matrix instruction in the SASS, no spills on sm_90), the host code's copies and checks, the
+interpreter's bf16 upcast, the CAM split reduction, torch.compile, and the GPU checks
+(autotuning, TF32, determinism). The op-vs-oracle cases of PAM and CAM (the general op, the
+GPU sizes, layouts, the op's own outputs) run on every backend, triton included, in
 test_pam.py and test_cam.py.
 
 Triton decides once per process, when it is first imported, whether kernels are interpreted
@@ -22,15 +23,11 @@ import textwrap
 import pytest
 import torch
 
-from danet_ops import (ChannelAttention, PositionAttention, channel_attention,
-                       position_attention, reference)
+from danet_ops import ChannelAttention, PositionAttention, position_attention, reference
 from danet_ops import _triton
-from danet_ops._contract import stats_dtype
 from danet_ops._triton import _runtime
 import conftest
-from conftest import (PAM_NAMES, TRITON_FLOOR, assert_close_to_oracle, compare_cam, compare_pam,
-                      compare_to_oracle, floor, make, max_err, pam_inputs, run_with_grads, tf32,
-                      to64)
+from conftest import make, max_err, pam_inputs, tf32, to64
 
 ops = torch.ops.danet_ops
 IN_INTERPRETER = _triton.interpreting()
@@ -360,6 +357,14 @@ def test_interp_pam_host_code_makes_no_copies():
 
 
 @pytest.mark.interpreter
+def test_interp_bf16_upcast_path():
+    # The interpreter's bf16 tl.dot is wrong (triton 3.9); the kernels upcast bf16 tiles there.
+    if not IN_INTERPRETER:
+        pytest.skip("needs the Triton interpreter")
+    assert _runtime.f32_dot(torch.bfloat16) and not _runtime.f32_dot(torch.float16)
+
+
+@pytest.mark.interpreter
 def test_interp_pam_empty_and_direct_op():
     q = torch.randn(2, 3, 0)
     o, lse, y = ops.pam_forward_triton(q, q, torch.randn(2, 5, 0), None, None)
@@ -372,124 +377,15 @@ def test_interp_pam_empty_and_direct_op():
 
 
 # ============================================================================ interpreter: general PAM op
-# The general op: E = scale * q^T k with keys/values of their own length Nk (q [B, Cq, Nq], k [B, Cq, Nk],
-# v [B, Cv, Nk], x/o/y [B, Cv, Nq]). The ops are called directly (their registered autograd gives
-# the gradients); the oracle is the naive computation written here, in float64.
-def _general_inputs(B, Cq, Cv, Nq, Nk, dtype, layout="contiguous", residual=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda c, n, s: make((B, c, n, 1), dtype, layout, gen, s).flatten(2)  # noqa: E731
-    q, k, v = mk(Cq, Nq, 0.5), mk(Cq, Nk, 0.5), mk(Cv, Nk, 1.0)
-    if not residual:
-        return [q, k, v, None, None]
-    gdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return [q, k, v, mk(Cv, Nq, 1.0), torch.tensor([0.7], dtype=gdt)]
-
-
-def _general_naive(q, k, v, x, gamma, scale):
-    """The naive bmm computation of the general op (oracle in float64): (result, lse)."""
-    e = torch.bmm(q.transpose(1, 2), k) * scale                         # [B, Nq, Nk]
-    o = torch.bmm(v, torch.softmax(e, dim=-1).transpose(1, 2))          # [B, Cv, Nq]
-    return (o if x is None else gamma * o + x), torch.logsumexp(e.double(), dim=-1)
-
-
-def _compare_general(op, inputs, scale, dtype):
-    """The op's result, lse and every gradient vs the float64 oracle, bounded by 2x the naive
-    computation's own error in the same dtype (floor: conftest.floor, the Triton kernels' roundings)."""
-    residual = inputs[3] is not None
-
-    def fused(*t):
-        o, lse, y = op(*t, scale)
-        fused.lse = lse
-        # o is kept in the statistics' dtype (fp32 for fp16/bf16: the backward's Delta uses it
-        # unrounded; docs/ARCHITECTURE.md); the functional API returns it in v's dtype, as here
-        assert o.dtype == stats_dtype(t[2].dtype), (o.dtype, t[2].dtype)
-        return y if residual else o.to(t[2].dtype)
-
-    naive = lambda *t: _general_naive(*t, scale)[0]  # noqa: E731
-    # shapes, dtypes (the naive computation's), finiteness, and the policy bound
-    got, _ = compare_to_oracle(fused, naive, inputs, PAM_NAMES, floor(dtype, "triton-interp"))
-    B, _, Nq = inputs[0].shape
-    assert got.shape == (B, inputs[2].shape[1], Nq)
-    lse64 = _general_naive(*to64(inputs), scale)[1]
-    assert fused.lse.dtype == torch.float32 and fused.lse.shape == (B, Nq)
-    # lse is fp32 softmax statistics over Nk <= 40 terms: a few fp32 ulps of |lse| (+ the fp16/bf16
-    # rounding of the logits' operands, which the oracle sees identically: it gets the same inputs)
-    assert max_err(fused.lse, lse64) <= 1e-5 * max(lse64.abs().max().item(), 1.0)
-
-
-GENERAL_CASES = [  # B, Cq, Cv, Nq, Nk, scale   (interpreter blocks: 16 positions, 16 channels)
-    (2, 5, 24, 35, 9, 5 ** -0.5),   # Nk < Nq (pooled keys), 1/sqrt(Cq), two value chunks
-    (1, 3, 20, 7, 40, 2.5),         # Nk > Nq: three ragged key blocks; sharp logits
-    (2, 4, 12, 19, 1, 0.3),         # Nk = 1: every weight is exactly 1, o = v broadcast
-    (1, 20, 40, 1, 33, -0.7),       # Nq = 1, negative scale, Cq padded to 32, three value chunks
-    (1, 6, 17, 21, 21, 0.125),      # Nk = Nq with scale != 1
-    (1, 6, 17, 16, 48, 1.0),        # scale = 1, Nk = 3 Nq: whole key blocks
-]
-
-
-@pytest.mark.parametrize("case", GENERAL_CASES, ids=lambda c: "x".join(f"{v:g}" for v in c))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.interpreter
-def test_interp_general_pam_matches_oracle(case, dtype):
-    *shape, scale = case
-    _compare_general(ops.pam_forward_triton, _general_inputs(*shape, dtype), scale, dtype)
-
-
-@pytest.mark.parametrize("layout,residual", [("channels_last", True), ("channel_slice", False)])
-@pytest.mark.interpreter
-def test_interp_general_pam_layouts_bf16_no_residual(layout, residual):
-    inputs = _general_inputs(2, 5, 20, 23, 6, torch.float32, layout, residual)
-    assert not inputs[0].is_contiguous()
-    _compare_general(ops.pam_forward_triton, inputs, 0.4, torch.float32)
-    _compare_general(ops.pam_forward_triton, _general_inputs(1, 4, 18, 9, 26, torch.bfloat16,
-                                                             layout, residual), 0.5, torch.bfloat16)
-
-
-@pytest.mark.interpreter
-def test_interp_general_pam_nk1_is_exact_and_scale_one_is_the_default():
-    # One key: softmax is exactly 1 whatever the scale, so o == v (broadcast over the queries)
-    # and lse == scale * q.k; the gradients of q and k are exactly 0.
-    q, k, v, _, _ = _general_inputs(1, 3, 5, 10, 1, torch.float32, residual=False)
-    o, lse, y = ops.pam_forward_triton(q, k, v, None, None, 0.5)
-    assert torch.equal(o, v.expand(1, 5, 10)) and y.shape == (0,)
-    assert max_err(lse, 0.5 * (q.double() * k.double()).sum(1)) <= 1e-6   # fp32 dot of 3 terms
-    dq, dk, dv, dg = ops.pam_backward_triton(torch.ones_like(o), q, k, v, o, lse, None, 0.5)
-    assert dq.abs().max() == 0 and dk.abs().max() == 0 and dg.shape == (0,)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
-    assert torch.equal(dv, torch.full_like(v, 10.0))                    # sum over 10 queries of 1
-    # scale = 1 given explicitly is the schema's default: the same kernels, bit for bit.
-    inputs = _general_inputs(1, 4, 20, 19, 7, torch.float32)
-    a = ops.pam_forward_triton(*inputs)
-    b = ops.pam_forward_triton(*inputs, 1.0)
-    assert all(torch.equal(s, t) for s, t in zip(a, b))
-
-
+# (its values on every backend: test_pam.py's general-op grid)
 @pytest.mark.interpreter
 def test_interp_general_pam_rejects_mismatched_positions():
-    q, k, v, x, g = _general_inputs(1, 3, 5, 10, 4, torch.float32)
+    q, k, v, x = torch.randn(1, 3, 10), torch.randn(1, 3, 4), torch.randn(1, 5, 4), torch.randn(1, 5, 10)
+    g = torch.tensor([0.7])
     with pytest.raises(ValueError, match="Nk"):
         ops.pam_forward_triton(q, k, v[..., :3], x, g)          # k and v disagree on Nk
     with pytest.raises(ValueError, match="Nq"):
         ops.pam_forward_triton(q, k, v, x[..., :4], g)          # x must have the output's shape
-
-
-@pytest.mark.interpreter
-def test_interp_general_pam_through_position_attention_4d():
-    # The public API with 4-D maps of their own sizes: queries 5 x 7, keys/values pooled to 3 x 3.
-    gen = torch.Generator().manual_seed(2)
-    q = make((1, 4, 5, 7), torch.float32, gen=gen, scale=0.5)
-    k = make((1, 4, 3, 3), torch.float32, gen=gen, scale=0.5)
-    v = make((1, 12, 3, 3), torch.float32, gen=gen)
-    x = make((1, 12, 5, 7), torch.float32, gen=gen)
-    g = torch.tensor([0.7])
-    fn = lambda *t: position_attention(*t, scale=0.5, backend="triton")  # noqa: E731
-    got, grads = run_with_grads(fn, [q, k, v, x, g])
-    ref64, grads64 = run_with_grads(lambda *t: reference.position_attention(*t, scale=0.5),
-                                    to64([q, k, v, x, g]))
-    assert got.shape == (1, 12, 5, 7)
-    for name, a, b in zip(PAM_NAMES, [got] + grads, [ref64] + grads64):
-        assert a.shape == b.shape, name
-        assert_close_to_oracle(name, a, b, None, TRITON_FLOOR[torch.float32])   # fp32 floor: 9 keys
 
 
 # ============================================================================ interpreter: CAM
@@ -503,24 +399,6 @@ def test_interp_cam_split_reduction_covers_all_of_n():
     x = torch.randn(1, 20, 49)
     _, attn, _ = ops.cam_forward_triton(x, None, "paper")
     assert max_err(attn, torch.softmax(x @ x.transpose(1, 2), -1)) < 1e-6
-
-
-@pytest.mark.parametrize("mode", ["original", "paper"])
-@pytest.mark.interpreter
-def test_interp_cam_fp16_energy_beyond_fp16_range(mode):
-    # E reaches ~1e5 > 65504: the fp16 reference overflows (inf, then NaN), the kernels do not.
-    x = (torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(3)) * 40).half()
-    assert not torch.isfinite(reference.channel_attention(x, mode=mode)).all()
-    xr = x.clone().requires_grad_()
-    y = channel_attention(xr, mode=mode, backend="triton")
-    y.float().sum().backward()
-    x64 = x.double().requires_grad_()
-    y64 = reference.channel_attention(x64, mode=mode)
-    y64.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
-    assert max_err(y, y64) <= 2e-3 * y64.abs().max().item()
-    # the gradient is large and partly cancelling here; fp16 storage bounds its accuracy
-    assert max_err(xr.grad, x64.grad) <= 2e-2 * x64.grad.abs().max().item()
 
 
 # ============================================================================ interpreter: torch.compile
@@ -578,43 +456,6 @@ def _gpu_shape(*shape):
         return shape
     *lead, c, H, W = shape
     return (*lead, min(c, 40), min(H, 5), min(W, 7))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 64, 512, 32, 32), (1, 8, 24, 37, 29), (1, 256, 64, 16, 16),
-                                   (1, 16, 4096, 8, 8)], ids=lambda s: "x".join(map(str, s)))
-@gpu_test
-def test_cuda_pam_matches_oracle(dtype, shape, no_tf32):
-    dev = _gpu_device()
-    compare_pam("triton", pam_inputs(*_gpu_shape(*shape), dtype=dtype, device=dev),
-                floor(dtype, "triton-cuda"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["original", "paper"])
-@gpu_test
-def test_cuda_cam_matches_oracle(dtype, mode):
-    dev = _gpu_device()
-    for shape in [(2, 512, 32, 32), (1, 37, 29, 31)]:
-        x, g = cam_inputs(*_gpu_shape(*shape), dtype=dtype, scale=0.05, device=dev)
-        compare_cam("triton", [x, g], mode, floor(dtype, "triton-cuda"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["channels_last", "channel_slice"])
-@gpu_test
-def test_cuda_layouts(layout):
-    dev = _gpu_device()
-    # device=dev: the layout is made on the device (.to(dev) would make a channel slice contiguous)
-    inputs = pam_inputs(*_gpu_shape(2, 16, 64, 24, 20), dtype=torch.float16, layout=layout, device=dev)
-    assert not inputs[0].is_contiguous()
-    compare_pam("triton", inputs, floor(torch.float16, "triton-cuda"))
-    x, g = cam_inputs(*_gpu_shape(2, 64, 24, 20), dtype=torch.float16, layout=layout, scale=0.1,
-                      device=dev)
-    assert not x.is_contiguous()
-    compare_cam("triton", [x, g], "original", floor(torch.float16, "triton-cuda"))
 
 
 @pytest.mark.gpu
