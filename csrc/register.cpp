@@ -42,6 +42,7 @@ TORCH_LIBRARY(danet_ops, m) {
   // the path a CPU call of op "pam" | "cam" with inputs of that dtype would take:
   // "fp64-tiles", "fp32-tiles", "bf16-brgemm", "fp16-brgemm", "bf16-cblas" or "fp16-cblas".
   m.def("cpu_path(str op, ScalarType dtype) -> str");
-  // the ISA the CPU kernels' element loops dispatch to: "avx512", "avx2" or "default".
+  // the ISA level the CPU kernels dispatch to (the CPU's best, capped by DANET_OPS_CPU_ISA):
+  // "avx512", "avx2" or "default" (csrc/cpu/isa.h).
   m.def("cpu_isa() -> str");
 }

@@ -1,5 +1,6 @@
-"""One build recipe: setup.py, the JIT build, CMake and the nvcc compile test all take their
-compiler flags from csrc/build_flags.json, and nothing else spells them out."""
+"""One build recipe: setup.py, the JIT build, CMake, the nvcc compile test and the AArch64
+cross-compile check all take their compiler flags from csrc/build_flags.json, and nothing else
+spells them out."""
 import json
 import re
 import warnings
@@ -11,7 +12,8 @@ from danet_ops import _extension
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = json.loads((ROOT / "csrc" / "build_flags.json").read_text())
-READERS = ["setup.py", "danet_ops/_extension.py", "CMakeLists.txt", "tests/test_cuda_compile.py"]
+READERS = ["setup.py", "danet_ops/_extension.py", "CMakeLists.txt", "tests/test_cuda_compile.py",
+           "scripts/cross_compile_arm.py"]
 
 
 @pytest.mark.parametrize("path", READERS)
@@ -35,3 +37,14 @@ def test_jit_build_uses_the_recipe_and_warns(monkeypatch):
     assert seen["extra_cflags"][:len(FLAGS["cxx"])] == FLAGS["cxx"]
     assert seen["extra_cuda_cflags"] == FLAGS["nvcc"] + ["-D" + FLAGS["cuda_define"]]
     assert seen["extra_ldflags"] == FLAGS["ldflags"]
+
+
+def test_cross_compile_check_covers_every_cpu_source_with_the_recipe():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cross_compile_arm", ROOT / "scripts" / "cross_compile_arm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    want = sorted((ROOT / "csrc").glob("*.cpp")) + sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+    assert mod.sources() == want and any(p.name == "register.cpp" for p in want)
+    cmd = mod.command(["aarch64-linux-gnu-g++"], want[0], Path("x.o"))
+    assert cmd[1:1 + len(FLAGS["cxx"])] == FLAGS["cxx"] and "-c" in cmd

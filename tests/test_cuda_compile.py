@@ -2,9 +2,14 @@
 
 No torch include path is given, so any torch/ATen/c10 dependency fails the build. Every .cu is
 compiled for sm_80 and sm_90a with `-Xptxas -v` (the flags of setup.py's CUDA build), the
-ptxas report is parsed, and any register spill in a kernel fails the test. Skips only when
-nvcc is absent. Two files compile in parallel at most (CI machines have few cores).
+ptxas report is parsed, and any register spill in a kernel fails the test. The objects' SASS
+(cuobjdump: the CUDA toolkit's, else the one Triton bundles) shows the matrix instruction of
+every instance of the matrix kernels: mma.sync, i.e. HMMA, on both architectures (fp16/bf16:
+HMMA.16816.F32[.BF16]; fp32 with TF32 allowed: HMMA.1688.F32.TF32; fp32 without: FFMA, no
+matrix instruction). Skips only when nvcc (or, for the SASS, cuobjdump) is absent. Two files
+compile in parallel at most (CI machines have few cores).
 """
+import importlib.util
 import json
 import os
 import re
@@ -102,8 +107,9 @@ def ptxas(tmp_path_factory):
     failures = [f"{' '.join(cmd)}\n{res.stdout}{res.stderr}" for _, cmd, res in results
                 if res.returncode != 0]
     assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
-    report = {}
-    for src, _, res in results:
+    report, objects = {}, {}
+    for (src, arch), (_, _, res) in zip(jobs, results):
+        objects[(src.name, arch)] = tmp / f"{src.stem}.{arch}.o"
         for key, info in _parse_ptxas(res.stdout + res.stderr).items():
             report[key] = dict(info, file=src.name)
     names = _demangle(sorted({k for _, k in report}))
@@ -113,11 +119,11 @@ def ptxas(tmp_path_factory):
         lines.append(f"{arch:7} {info.get('regs', -1):>4} {info.get('stack', -1):>5} "
                      f"{info.get('spill_st', -1):>5}/{info.get('spill_ld', -1):<5}  {pretty}")
     print("\nptxas summary:\n" + "\n".join(lines))
-    return report, names
+    return report, names, objects
 
 
 def test_every_arch_builds_the_main_kernels(ptxas):
-    report, _ = ptxas
+    report, _, _ = ptxas
     for arch in ARCHS:
         kernels = [k for a, k in report if a == arch]
         for name in MAIN_KERNELS:
@@ -125,7 +131,7 @@ def test_every_arch_builds_the_main_kernels(ptxas):
 
 
 def test_no_register_spills(ptxas):
-    report, names = ptxas
+    report, names, _ = ptxas
     spilled = [f"{arch} {names[k]} ({info['file']}): {info.get('spill_st')} B spill stores, "
                f"{info.get('spill_ld')} B spill loads"
                for (arch, k), info in report.items()
@@ -133,6 +139,90 @@ def test_no_register_spills(ptxas):
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     missing = [f"{arch} {names[k]}" for (arch, k), info in report.items() if "spill_st" not in info]
     assert not missing, f"no ptxas spill report parsed for: {missing}"
+
+
+def _cuobjdump():
+    """The CUDA toolkit's cuobjdump (next to nvcc), else the one Triton bundles."""
+    nvcc = _nvcc()
+    for cand in ([shutil.which("cuobjdump")]
+                 + ([os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")] if nvcc else [])
+                 + [os.path.join(h, "bin", "cuobjdump") for h in
+                    (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        cand = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump")
+        if os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+# A matrix kernel instance by its mangled name: kernel<T, TF32, ...> with T = float / __half /
+# __nv_bfloat16 (every matrix kernel's first two template arguments).
+_INSTANCE = re.compile(r"(%s)I(f|6__half|13__nv_bfloat16)Lb([01])E" % "|".join(MAIN_KERNELS))
+_DTYPE = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+_MMA = re.compile(r"\b([A-Z]*MMA(?:\.[0-9A-Zx_]+)*)")
+# The matrix instruction each instance must use (mma.sync on sm_80 and sm_90a alike).
+EXPECTED_MMA = {("fp16", False): "HMMA.16816.F32", ("bf16", False): "HMMA.16816.F32.BF16",
+                ("fp32", True): "HMMA.1688.F32.TF32", ("fp32", False): None}
+
+
+def _parse_sass(text):
+    """{mangled function: {opcode with modifiers: count}} of the matrix and FFMA instructions."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = out.setdefault(m.group(1), {})
+            continue
+        if cur is None:
+            continue
+        for op in _MMA.findall(line) + re.findall(r"\b(FFMA)\b", line):
+            cur[op] = cur.get(op, 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def sass(ptxas):
+    _, _, objects = ptxas
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or Triton's bundled copy)")
+    table = {}  # (arch, kernel, dtype, tf32) -> {matrix instruction: count}, FFMA count
+    for (src, arch), obj in sorted(objects.items()):
+        res = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{tool} -sass {obj} failed:\n{res.stderr}"
+        for fn, ops in _parse_sass(res.stdout).items():
+            m = _INSTANCE.search(fn)
+            if m:
+                key = (arch, m.group(1), _DTYPE[m.group(2)], m.group(3) == "1")
+                entry = table.setdefault(key, {"mma": {}, "ffma": 0})
+                for op, n in ops.items():
+                    if op == "FFMA":
+                        entry["ffma"] += n
+                    else:
+                        entry["mma"][op] = entry["mma"].get(op, 0) + n
+    lines = [f"{'arch':7} {'kernel':16} {'dtype':5} {'tf32':5} matrix instruction (count)"]
+    for (arch, kern, dt, tf), e in sorted(table.items()):
+        mma = ", ".join(f"{op} ({n})" for op, n in sorted(e["mma"].items())) or f"none (FFMA: {e['ffma']})"
+        lines.append(f"{arch:7} {kern:16} {dt:5} {str(tf):5} {mma}")
+    print(f"\nSASS matrix instructions ({tool}):\n" + "\n".join(lines))
+    return table
+
+
+def test_matrix_kernels_use_mma_sync_on_every_arch(sass):
+    for arch in ARCHS:
+        for kern in MAIN_KERNELS:
+            for (dt, tf), want in EXPECTED_MMA.items():
+                found = {k: v for k, v in sass.items() if k[:3] == (arch, kern, dt) and k[3] == tf}
+                assert found, f"no {kern} instance for {dt} (tf32={tf}) in the {arch} SASS"
+                for key, e in found.items():
+                    ops = set(e["mma"])
+                    if want is None:
+                        assert not ops and e["ffma"], f"{key}: expected FFMA only, got {ops}"
+                    else:
+                        assert ops == {want}, f"{key}: expected {want} (mma.sync), got {ops or 'none'}"
 
 
 def _cuda_include(nvcc):

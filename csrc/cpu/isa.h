@@ -1,9 +1,12 @@
-// The ISA the CPU kernels' element loops dispatch to (vec_loops.h), implemented in vec_loops.cpp.
-// The loops are compiled for AVX-512, AVX2 and the baseline on x86 and chosen per call: the best
-// the CPU (and OS) supports, capped by DANET_OPS_CPU_ISA = avx512 | avx2 | default
-// (case-insensitive; unset or empty: no cap; any other value: a RuntimeError). Below avx512 the
-// low-precision paths are not taken by default and brgemm is never used (select_path in
-// lowp_gemm.h), as on a CPU without AVX512-BF16. On other architectures: always kDefault.
+// The ISA level the CPU kernels dispatch to (implemented in vec_loops.cpp): the best the CPU and
+// OS support (avx512: AVX-512F; avx2; default: the baseline of the build's architecture), capped
+// by DANET_OPS_CPU_ISA = avx512 | avx2 | default, read on every call (case-insensitive; unset or
+// empty: no cap; any other value: a RuntimeError). It decides
+//  * the element loops of the key-major kernels (vec_loops.h): the AVX-512 build at avx512;
+//  * the low-precision paths (select_path in lowp_gemm.h): below avx512 bf16/fp16 default to
+//    fp32 tiles and brgemm is never used, as on a CPU without AVX512-BF16 (so avx2 and default
+//    select the same kernels today; avx2 names what an AVX2-only CPU reports).
+// On other architectures the level is always default.
 #pragma once
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -235,9 +235,9 @@ void gemm_cblas(at::Tensor& C, const at::Tensor& A_, const at::Tensor& B_, float
 }  // namespace
 
 Path select_path(at::ScalarType t) {
+  const Isa level = isa();  // first: a bad DANET_OPS_CPU_ISA fails every call alike
   if (t == at::kDouble) return Path::kFp64Tiles;
   if (t != at::kBFloat16 && t != at::kHalf) return Path::kFp32Tiles;
-  const Isa level = isa();
   const bool brgemm = brgemm_available(t, level);
   if (!brgemm && cblas_for(t) == nullptr) return Path::kFp32Tiles;  // no low-precision engine
   const char* env = std::getenv("DANET_OPS_CPU_LOWP");  // per call: tests flip it between calls
@@ -322,7 +322,7 @@ std::string cpu_path(c10::string_view op, at::ScalarType dtype) {
   return cpu::path_name(cpu::select_path(dtype));
 }
 
-// The ISA the element loops dispatch to: "avx512", "avx2" or "default".
+// The ISA level the CPU kernels dispatch to (isa.h): "avx512", "avx2" or "default".
 std::string cpu_isa() { return cpu::isa_name(cpu::isa()); }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The ISA dispatch of the CPU kernels (isa.h) and the element loops of vec_loops.h, built per ISA
-// and picked at run time. Only x86 gets the AVX-512 / AVX2 builds; every architecture gets the
-// baseline one (on AArch64 it vectorises with NEON, part of the baseline). Torch-free but for
-// TORCH_CHECK: no ATen header, so this unit compiles fast.
+// and picked at run time: an AVX-512 build on x86 (the key-major kernels, the loops' only users,
+// run only at isa() = avx512: brgemm needs it) and the baseline build everywhere (on AArch64 it
+// vectorises with NEON, part of the baseline). Torch-free but for TORCH_CHECK: no ATen header, so
+// this unit compiles fast.
 #include "vec_loops.h"
 
 #include <c10/util/Exception.h>
@@ -25,12 +26,6 @@ namespace {
 #if defined(DANET_OPS_X86)
 #define DANET_OPS_VEC_NS avx512
 #define DANET_OPS_VEC_ATTR __attribute__((target("avx512f"))) DANET_OPS_NO_TRAP
-#include "vec_loops_impl.h"
-#undef DANET_OPS_VEC_NS
-#undef DANET_OPS_VEC_ATTR
-
-#define DANET_OPS_VEC_NS avx2
-#define DANET_OPS_VEC_ATTR __attribute__((target("avx2"))) DANET_OPS_NO_TRAP
 #include "vec_loops_impl.h"
 #undef DANET_OPS_VEC_NS
 #undef DANET_OPS_VEC_ATTR
@@ -85,7 +80,6 @@ Isa isa() {
 const VecLoops& vec_loops(Isa level) {
 #if defined(DANET_OPS_X86)
   if (level == Isa::kAvx512) return avx512::table;
-  if (level == Isa::kAvx2) return avx2::table;
 #endif
   (void)level;
   return baseline::table;

@@ -1,6 +1,6 @@
 // The element loops of the key-major kernels (pam_keymajor.cpp), compiled once per ISA
-// (vec_loops.cpp: AVX-512, AVX2 and the baseline on x86; the baseline elsewhere) and chosen at
-// run time by vec_loops(isa()), so that DANET_OPS_CPU_ISA caps them. Plain arithmetic on restrict
+// (vec_loops.cpp: AVX-512 on x86, and the baseline) and chosen at run time by vec_loops(isa()),
+// so that DANET_OPS_CPU_ISA caps them. Plain arithmetic on restrict
 // pointers with `omp simd`, so that each build vectorises for its ISA; GCC also compiles them
 // without trapping math (no FP exceptions are used; the results are the same), which it needs to
 // if-convert the clamps and conversions and so vectorise them.
