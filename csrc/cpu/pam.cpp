@@ -37,12 +37,18 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(std::isfinite(scale), "pam: scale must be finite; got ", scale);
 }
 
-// The path of this call: select_path for v's dtype when q, k and v share it.
-Path call_path(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// The path of this call (select_path for v's dtype when q, k and v share it, else the tiles of
+// v's compute dtype), with a.q, a.k, a.v set to the inputs in the path's operand dtype.
+template <class Args>
+Path prepare(Args& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const auto vt = v.scalar_type();
-  if (q.scalar_type() != vt || k.scalar_type() != vt)
-    return vt == at::kDouble ? Path::kFp64Tiles : Path::kFp32Tiles;
-  return cpu::select_path(vt);
+  const Path path = q.scalar_type() == vt && k.scalar_type() == vt ? cpu::select_path(vt)
+                    : vt == at::kDouble ? Path::kFp64Tiles : Path::kFp32Tiles;
+  const auto ot = cpu::operand_type(path, vt);
+  a.q = as_type(q, ot);
+  a.k = as_type(k, ot);
+  a.v = as_type(v, ot);
+  return path;
 }
 
 // acc * f (in acc's fp32/fp64, before any rounding), contiguous, in dtype dt.
@@ -64,13 +70,9 @@ void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tens
     TORCH_CHECK(x_->dim() == 3 && x_->size(0) == B && x_->size(1) == Cv && x_->size(2) == N,
                 "pam: x must be [B, Cv, Nq] = [", B, ", ", Cv, ", ", N, "]; got ", x_->sizes());
   }
-  const Path path = call_path(q_, k_, v_);
-  const auto ct = compute_type(v_.scalar_type());
-  const auto ot = cpu::operand_type(path, v_.scalar_type());
   cpu::PamForward a;
-  a.q = as_type(q_, ot);
-  a.k = as_type(k_, ot);
-  a.v = as_type(v_, ot);
+  const Path path = prepare(a, q_, k_, v_);
+  const auto ct = compute_type(v_.scalar_type());
   a.scale = scale;
   a.residual = residual;
   a.need_lse = need_lse;
@@ -145,13 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pam_backward_cpu(
               "; got dy ", dy_.sizes(), ", o ", o_.sizes());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q_.size(0) && lse.size(1) == q_.size(2),
               "pam_backward: lse must be [B, Nq]; got ", lse.sizes());
-  const Path path = call_path(q_, k_, v_);
-  const auto ct = compute_type(v_.scalar_type());
-  const auto ot = cpu::operand_type(path, v_.scalar_type());
   cpu::PamBackward a;
-  a.q = as_type(q_, ot);
-  a.k = as_type(k_, ot);
-  a.v = as_type(v_, ot);
+  const Path path = prepare(a, q_, k_, v_);
+  const auto ct = compute_type(v_.scalar_type());
+  const auto ot = a.q.scalar_type();
   a.dy = as_type(dy_, ot);
   a.lse = as_type(lse, ct);
   a.g = gamma_.has_value() ? gamma_->item<double>() : 1.0;
