@@ -7,11 +7,12 @@ against the float64 oracle there too.
 import pytest
 import torch
 
-from danet_ops import _compiled, channel_attention, position_attention, reference
+from danet_ops import _compiled_ops, channel_attention, position_attention, testing
 
-from conftest import CAM_NAMES, FLOOR, PAM_NAMES, cam_inputs, compare_to_oracle, pam_inputs
+from conftest import cam_inputs, pam_inputs
 
-pytestmark = pytest.mark.skipif(not _compiled.load(), reason="the C++ ops are not built")
+pytestmark = pytest.mark.skipif(not _compiled_ops.load(build=False),
+                                reason="no prebuilt danet_ops._C")
 
 ops = torch.ops.danet_ops
 LEVELS = ("default", "avx2", "avx512")
@@ -94,12 +95,10 @@ def test_capped_results_match_the_oracle(monkeypatch, cap, lowp, dtype):
     monkeypatch.setenv("DANET_OPS_CPU_ISA", cap)
     monkeypatch.setenv("DANET_OPS_CPU_LOWP", lowp)
     assert "brgemm" not in ops.cpu_path("pam", dtype)
-    inputs = pam_inputs(2, 16, 40, 17, 19, dtype=dtype)        # N = 323: ragged blocks
-    compare_to_oracle(lambda *t: position_attention(*t, backend="cpu"),
-                      reference.position_attention, inputs, PAM_NAMES, FLOOR[dtype])
-    inputs = cam_inputs(2, 40, 19, 23, dtype=dtype)
-    compare_to_oracle(lambda *t: channel_attention(*t, backend="cpu"),
-                      reference.channel_attention, inputs, CAM_NAMES, FLOOR[dtype])
+    testing.compare_pam(lambda *t: position_attention(*t, backend="cpu"),
+                        pam_inputs(2, 16, 40, 17, 19, dtype=dtype), testing.FLOOR[dtype])  # N = 323
+    testing.compare_cam(lambda *t: channel_attention(*t, backend="cpu"),
+                        cam_inputs(2, 40, 19, 23, dtype=dtype), "original", testing.FLOOR[dtype])
 
 
 def test_cap_at_the_cpus_own_level_changes_nothing(monkeypatch, uncapped):
