@@ -1,9 +1,9 @@
 // The op schemas of danet_ops: one TORCH_LIBRARY block for the whole library. Each backend adds
 // its kernels with TORCH_LIBRARY_IMPL(danet_ops, <DispatchKey>, m) in its own folder (csrc/cpu,
 // csrc/cuda); the Triton backend registers its own *_triton ops from Python. Fake kernels and
-// autograd are registered from Python (danet_ops/_meta.py). Dtypes follow danet_ops/_contract.py:
-// "stats dtype" is stats_dtype(v) (fp64 for fp64 inputs, else fp32), "output dtype" is
-// output_dtype(v, x, gamma) (the reference's gamma * O + x).
+// autograd are registered from Python (danet_ops/_fake_and_autograd.py). Dtypes follow
+// danet_ops/_contract.py: "stats dtype" is stats_dtype(v) (fp64 for fp64 inputs, else fp32),
+// "output dtype" is output_dtype(v, x, gamma) (the reference's gamma * O + x).
 #include <torch/library.h>
 
 TORCH_LIBRARY(danet_ops, m) {

@@ -69,11 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cuda(
   p.Nk = Nk;
   p.scale = scale;
   p.dtype = kernel_dtype(v, op, "v");
-  // O in fp32 whatever the input dtype, like the CPU kernel (danet_ops/_meta.py's fake says so):
-  // the backward's Delta = sum_c dO*O from a 16-bit O is the one fp16/bf16 rounding that a sharp
-  // softmax does not cancel (dk errors several times the fp32-compute-then-cast ones). Costs 2
-  // more bytes per element of O for fp16/bf16 (saved for the backward); danet_ops casts the O it
-  // returns to v's dtype.
+  // O in fp32 whatever the input dtype (stats_dtype, as the CPU kernel and the fake in
+  // danet_ops/_fake_and_autograd.py): the backward's Delta = sum_c dO*O from a 16-bit O is the
+  // one fp16/bf16 rounding that a sharp softmax does not cancel (dk errors several times the
+  // fp32-compute-then-cast ones). Costs 2 more bytes per element of O for fp16/bf16 (saved for
+  // the backward); danet_ops casts the O it returns to v's dtype.
   p.o_dtype = danet_cuda::DType::kFloat32;
   at::Tensor o = at::empty({B, Cv, Nq}, v.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, Nq}, v.options().dtype(at::kFloat));

@@ -29,7 +29,7 @@ int main() {
   const int64_t B = 2, Cq = 3, Cv = 5, N = 300;  // N ragged against the 256 tile
 
   // PAM: O = v softmax(scale * q^T k)^T, y = gamma*O + x; gradients from the naive graph.
-  // DANet (Nk = N, scale 1), then keys/values of their own length with a scale (issue 14).
+  // DANet (Nk = N, scale 1), then keys/values of their own length with a scale.
   auto gamma = at::full({1}, 0.7, f64);
   auto fwd = op("danet_ops::pam_forward").typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
