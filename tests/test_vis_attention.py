@@ -4,7 +4,7 @@ import torch
 from models.danet import DANet
 from models.data import SyntheticScenes
 from models import vis_attention
-from conftest import max_err
+from danet_ops.testing import max_err
 
 
 def _model():
