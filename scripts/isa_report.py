@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)     # this checkout's danet_ops, as from the repository root
 AVX512_GROUPS = ("X86_V4", "AVX512_ICL", "AVX512_SPR")   # numpy >= 2.4 dispatch groups above AVX2
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile",
          "asimd", "sve", "bf16")
@@ -82,6 +84,8 @@ def report():
         info["numpy"]["openblas_core"] = "unknown (threadpoolctl not installed)"
     info["numpy"]["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     import danet_ops
+    from danet_ops import backends
+    backends.get("cpu").prepare()        # load the C++ ops (availability alone loads nothing)
     info["danet_ops"] = {"backends": {k: (ok, why) for k, (ok, why) in danet_ops.available_backends().items()},
                          "DANET_OPS_CPU_ISA": os.environ.get("DANET_OPS_CPU_ISA")}
     ops = torch.ops.danet_ops
@@ -96,14 +100,16 @@ def report():
 def check(info, expect):
     """The caps of the ISA-capped run took effect: (what, ok) pairs."""
     assert expect == "avx2"
-    isa = str(info["danet_ops"].get("cpu_isa", "avx2")).lower()
+    isa = str(info["danet_ops"].get("cpu_isa", "not reported (no cpu_isa op)")).lower()
     return [
         ("ATen capability is AVX2", info["torch"]["capability"] == "AVX2"),
         ("oneDNN below AVX-512", "512" not in info["onednn"]["isa"]),
         ("numpy without its AVX-512 groups", not info["numpy"]["avx512_groups_on"]),
         ("OpenBLAS core Haswell", info["numpy"]["openblas_core"] in ("Haswell", None)),
         ("MKL capped at AVX2", info["mkl"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"),
-        ("danet_ops CPU kernels at AVX2 or below", "512" not in isa and "amx" not in isa),
+        ("danet_ops CPU kernels at AVX2 or below", isa in ("avx2", "default", "baseline", "scalar")),
+        ("danet_ops bf16 PAM off the bf16 matrix units", "brgemm" not in str(
+            info["danet_ops"].get("cpu_paths", {}).get("pam-bfloat16", "brgemm?"))),
     ]
 
 
