@@ -217,9 +217,11 @@ print("EAGER_REPORT " + json.dumps({"peak": status("VmHWM") - base, "times": tim
 """
 
 
-def measure_pam(sizes, channels=512, threads=2, runs=3, dtype="float32", out=print):
+def measure_pam(sizes, channels=512, threads=2, runs=2, rounds=3, dtype="float32", out=print):
     """Time and peak memory of ``PositionAttention(channels)`` (B = 1) in ONNX Runtime with each
-    lowering, beside the fused eager op (inference form), each in its own process."""
+    lowering, beside the fused eager op (inference form). Each case runs ``runs`` times in a
+    process of its own; the cases take turns, ``rounds`` times, so that a changing load on the
+    machine falls on all of them. Time: the median of all runs; memory: the largest peak."""
     import onnxruntime as ort
 
     torch.manual_seed(0)
@@ -233,24 +235,28 @@ def measure_pam(sizes, channels=512, threads=2, runs=3, dtype="float32", out=pri
                                           os.path.join(tmp, f"pam_{lowering}.onnx"),
                                           attention=lowering, output_names=["y"])
         out(f"PositionAttention({channels}), B = 1, {dtype}; onnxruntime {ort.__version__}, "
-            f"torch {torch.__version__}; {threads} threads; median time of {runs} runs, "
-            f"peak resident memory above the inputs over them; load: {_load()}")
+            f"torch {torch.__version__}; {threads} threads; {rounds} rounds of {runs} runs per case, "
+            f"taking turns; median time, largest peak resident memory above the inputs")
         out("| H x W | N x N fp32 | ORT `ort` (MultiHeadAttention) | ORT `standard` (MatMul/Softmax/MatMul) "
-            "| eager fused (`cpu`, inference) |")
-        out("| --- | --- | --- | --- | --- |")
+            "| eager fused (`cpu`, inference) | load average (1 min) before / after |")
+        out("| --- | --- | --- | --- | --- | --- |")
         for h, w in sizes:
             x = torch.randn(1, channels, h, w, dtype=dt)
-            cells = []
-            for lowering in danet_onnx.LOWERINGS:
-                _, rep = run_onnxruntime(paths[lowering], [(x,)], threads=threads, runs=runs,
-                                         keep_outputs=False)
-                cells.append(rep[0])
-            cells.append(_eager_pam(channels, h, w, threads, runs, dtype))
+            load0 = _load()
+            reports = {case: [] for case in (*danet_onnx.LOWERINGS, "eager")}
+            for _ in range(rounds):
+                for lowering in danet_onnx.LOWERINGS:
+                    _, rep = run_onnxruntime(paths[lowering], [(x,)], threads=threads, runs=runs,
+                                             keep_outputs=False)
+                    reports[lowering].append(rep[0])
+                reports["eager"].append(_eager_pam(channels, h, w, threads, runs, dtype))
+            cells = {case: {"time": statistics.median(t for r in reps for t in r["times"]),
+                            "peak": max(r["peak"] for r in reps)} for case, reps in reports.items()}
             n = h * w
             rows.append({"size": (h, w), "cells": cells})
             out(f"| {h}x{w} | {4 * n * n / MIB:.0f} MiB | "
-                + " | ".join(f"{1e3 * statistics.median(c['times']):.0f} ms, {c['peak'] / MIB:.0f} MiB"
-                             for c in cells) + " |")
+                + " | ".join(f"{1e3 * c['time']:.0f} ms, {c['peak'] / MIB:.0f} MiB" for c in cells.values())
+                + f" | {load0:.1f} / {_load():.1f} |")
     return rows
 
 
@@ -274,9 +280,9 @@ def _eager_pam(channels, h, w, threads, runs, dtype):
 
 def _load():
     try:
-        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+        return os.getloadavg()[0]
     except OSError:
-        return "unknown"
+        return float("nan")
 
 
 def _size(text):
@@ -306,13 +312,14 @@ def main(argv=None):
                    help="no checkpoint: time and peak memory of PositionAttention(512) in ONNX Runtime, "
                         "each lowering, beside the fused eager op")
     p.add_argument("--threads", type=int, default=2, help="--measure-pam: threads (ORT and torch)")
-    p.add_argument("--runs", type=int, default=3, help="--measure-pam: runs per case")
+    p.add_argument("--runs", type=int, default=2, help="--measure-pam: runs per case and round")
+    p.add_argument("--rounds", type=int, default=3, help="--measure-pam: rounds (the cases take turns)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="--measure-pam: dtype")
     args = p.parse_args(argv)
 
     if args.measure_pam:
         measure_pam([_size(s) for s in args.measure_pam], threads=args.threads, runs=args.runs,
-                    dtype=args.dtype)
+                    rounds=args.rounds, dtype=args.dtype)
         return 0
     if not args.checkpoint or not args.format:
         p.error("--checkpoint and --format are required (or --measure-pam)")
