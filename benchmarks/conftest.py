@@ -146,7 +146,8 @@ def record():
     """record(benchmark, **info): store the row in extra_info and in the summary table."""
     def _record(benchmark, **info):
         info.setdefault("status", "ok")
-        info.setdefault("isa", row_isa(info["device"], info["dtype"], info["backend"]))
+        op = "cam" if info["op"] == "cam" else "pam"
+        info.setdefault("isa", row_isa(info["device"], info["dtype"], info["backend"], op))
         benchmark.extra_info.update(info)
         _ROWS.append((benchmark, info))
     return _record

@@ -6,7 +6,7 @@ software: on an AVX2-only AMD EPYC bf16 `torch.mm` runs at about 0.9 GFLOP/s aga
 fp32, so a case that takes a second there in fp32 takes minutes in bf16. Where a dtype's rate is
 under `HARDWARE_FRACTION` of fp32's, the cases torch computes in that dtype (the matmul rate and
 the peers: reference, SDPA, FlexAttention) are shrunk or skipped by `plan_rounds`, saying why.
-danet_ops' own CPU ops still run: without bf16 units they compute on fp32 tiles.
+danet_ops' own CPU ops still run: without bf16 units their kernels take the fp32-tile path.
 """
 import datetime
 import functools
@@ -125,32 +125,25 @@ def matrix_isa():
     return isa
 
 
-def cpu_lowp(dtype):
-    """Whether danet_ops' CPU kernels run `dtype` (bf16/fp16) on low-precision tiles here
-    (mirrors csrc/cpu: DANET_OPS_CPU_LOWP, else the CPU's matrix units, which DANET_OPS_CPU_ISA
-    below avx512 turns off)."""
-    if dtype not in LOWP:
-        return False
-    env = os.environ.get("DANET_OPS_CPU_LOWP", "")
-    if env:
-        return env != "0"
-    if os.environ.get("DANET_OPS_CPU_ISA", "").lower() in ("avx2", "default"):
-        return False
-    caps = cpu_capabilities()
-    if dtype == torch.bfloat16:  # brgemm bf16 tiles: AMX-BF16 or AVX512-BF16
-        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
-    return bool(caps.get("avx512_fp16") or caps.get("amx_fp16"))
+def cpu_kernel_path(dtype, op="pam"):
+    """What danet_ops' CPU kernels run `dtype` on here, as the cpu backend of the registry says
+    (the kernels' own choice, ISA caps included): e.g. "bf16-brgemm, avx512", "fp32-tiles, avx2";
+    None while the C++ ops are not loaded (asking loads nothing)."""
+    from danet_ops import backends
+
+    detail = backends.REGISTRY["cpu"].describe(torch.device("cpu"), dtype, op)
+    path, isa = re.search(r"path: ([\w-]+)", detail), re.search(r"ISA: (\w+)", detail)
+    return ", ".join(m.group(1) for m in (path, isa) if m) or None
 
 
-def row_isa(device, dtype, backend):
-    """What a CPU row ran on: the matrix ISA and, for danet_ops' bf16/fp16 rows, the tile dtype."""
+def row_isa(device, dtype, backend, op="pam"):
+    """What a CPU row ran on: the CPU's matrix ISA and, for danet_ops' rows, the kernels' path."""
     if device != "cpu":
         return None
     isa = matrix_isa()
     dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if backend == "cpu" and dt in LOWP:
-        isa += f" ({'bf16' if dt == torch.bfloat16 else 'fp16'} tiles)" if cpu_lowp(dt) else " (fp32 tiles)"
-    return isa
+    path = cpu_kernel_path(dt, op) if backend == "cpu" and dt is not None else None
+    return f"{isa} ({path})" if path else isa
 
 
 def cpu_model():

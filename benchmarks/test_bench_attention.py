@@ -239,7 +239,8 @@ def test_matmul_rate(benchmark, record, dev, dtype):
 
     benchmark.group = f"matmul-{dev}-{str(dtype).split('.')[-1]}"
     run()
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
+    rounds = int(os.environ.get("DANET_OPS_BENCH_ROUNDS", 5))
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     record(benchmark, op="matmul", backend="torch.mm", device=dev, dtype=str(dtype).split(".")[-1],
            B=1, C=n, Cq=0, H=n, W=n, N=n, flops=2 * n ** 3, peak_mem=None, note=note, **{"pass": "fwd"})
 

@@ -87,7 +87,7 @@ def export_onnx(model, example, path, legacy=False, static=False, opset=None, at
 # Runs in a child process, so that its peak memory is the session's alone: the high-water mark of
 # the resident set is reset (Linux: /proc/self/clear_refs) after the session and the inputs exist,
 # and the high-water mark after the runs (VmHWM) minus the resident set at that moment is the peak
-# above them. (ru_maxrss is not used: a child inherits its parent's maximum at exec.)
+# above them. (ru_maxrss only without /proc: a child inherits its parent's maximum at exec.)
 _ORT_CHILD = r"""
 import json, re, resource, sys, time
 import numpy as np
@@ -108,8 +108,8 @@ def reset_peak():  # -> (resident bytes now, whether the high-water mark was res
 def peak():
     try:
         return status("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except OSError:  # no /proc: ru_maxrss (kB; bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 spec = json.loads(sys.argv[1])
 opts = ort.SessionOptions()
@@ -196,12 +196,14 @@ def status(key):
 
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
+dt = getattr(torch, spec["dtype"])
 m = danet_ops.PositionAttention(spec["channels"], backend="cpu").eval()
 with torch.no_grad():
     m.gamma.fill_(0.5)
-x = torch.randn(1, spec["channels"], spec["h"], spec["w"])
+m = m.to(dt)
+x = torch.randn(1, spec["channels"], spec["h"], spec["w"], dtype=dt)
 with torch.inference_mode():
-    m(torch.randn(1, spec["channels"], 8, 8))  # first call: the library's one-time setup
+    m(torch.randn(1, spec["channels"], 8, 8, dtype=dt))  # first call: the library's one-time setup
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
@@ -215,39 +217,46 @@ print("EAGER_REPORT " + json.dumps({"peak": status("VmHWM") - base, "times": tim
 """
 
 
-def measure_pam(sizes, channels=512, threads=2, runs=3, out=print):
-    """Time and peak memory of ``PositionAttention(channels)`` (B = 1, fp32) in ONNX Runtime with
-    each lowering, beside the fused eager op (inference form), each in its own process."""
+def measure_pam(sizes, channels=512, threads=2, runs=2, rounds=3, dtype="float32", out=print):
+    """Time and peak memory of ``PositionAttention(channels)`` (B = 1) in ONNX Runtime with each
+    lowering, beside the fused eager op (inference form). Each case runs ``runs`` times in a
+    process of its own; the cases take turns, ``rounds`` times, so that a changing load on the
+    machine falls on all of them. Time: the median of all runs; memory: the largest peak."""
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = _pam_module(channels)
+    dt = getattr(torch, dtype)
+    model = _pam_module(channels).to(dt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for lowering in danet_onnx.LOWERINGS:
-            paths[lowering] = export_onnx(model, torch.randn(1, channels, 16, 16),
+            paths[lowering] = export_onnx(model, torch.randn(1, channels, 16, 16, dtype=dt),
                                           os.path.join(tmp, f"pam_{lowering}.onnx"),
                                           attention=lowering, output_names=["y"])
-        out(f"PositionAttention({channels}), B = 1, fp32; onnxruntime {ort.__version__}, "
-            f"torch {torch.__version__}; {threads} threads; median time of {runs} runs, "
-            f"peak resident memory above the inputs over them; load: {_load()}")
+        out(f"PositionAttention({channels}), B = 1, {dtype}; onnxruntime {ort.__version__}, "
+            f"torch {torch.__version__}; {threads} threads; {rounds} rounds of {runs} runs per case, "
+            f"taking turns; median time, largest peak resident memory above the inputs")
         out("| H x W | N x N fp32 | ORT `ort` (MultiHeadAttention) | ORT `standard` (MatMul/Softmax/MatMul) "
-            "| eager fused (`cpu`, inference) |")
-        out("| --- | --- | --- | --- | --- |")
+            "| eager fused (`cpu`, inference) | load average (1 min) before / after |")
+        out("| --- | --- | --- | --- | --- | --- |")
         for h, w in sizes:
-            x = torch.randn(1, channels, h, w)
-            cells = []
-            for lowering in danet_onnx.LOWERINGS:
-                _, rep = run_onnxruntime(paths[lowering], [(x,)], threads=threads, runs=runs,
-                                         keep_outputs=False)
-                cells.append(rep[0])
-            cells.append(_eager_pam(channels, h, w, threads, runs))
+            x = torch.randn(1, channels, h, w, dtype=dt)
+            load0 = _load()
+            reports = {case: [] for case in (*danet_onnx.LOWERINGS, "eager")}
+            for _ in range(rounds):
+                for lowering in danet_onnx.LOWERINGS:
+                    _, rep = run_onnxruntime(paths[lowering], [(x,)], threads=threads, runs=runs,
+                                             keep_outputs=False)
+                    reports[lowering].append(rep[0])
+                reports["eager"].append(_eager_pam(channels, h, w, threads, runs, dtype))
+            cells = {case: {"time": statistics.median(t for r in reps for t in r["times"]),
+                            "peak": max(r["peak"] for r in reps)} for case, reps in reports.items()}
             n = h * w
             rows.append({"size": (h, w), "cells": cells})
             out(f"| {h}x{w} | {4 * n * n / MIB:.0f} MiB | "
-                + " | ".join(f"{1e3 * statistics.median(c['times']):.0f} ms, {c['peak'] / MIB:.0f} MiB"
-                             for c in cells) + " |")
+                + " | ".join(f"{1e3 * c['time']:.0f} ms, {c['peak'] / MIB:.0f} MiB" for c in cells.values())
+                + f" | {load0:.1f} / {_load():.1f} |")
     return rows
 
 
@@ -260,8 +269,9 @@ def _pam_module(channels):
     return m
 
 
-def _eager_pam(channels, h, w, threads, runs):
-    spec = {"root": ROOT, "channels": channels, "h": h, "w": w, "threads": threads, "runs": runs}
+def _eager_pam(channels, h, w, threads, runs, dtype):
+    spec = {"root": ROOT, "channels": channels, "h": h, "w": w, "threads": threads, "runs": runs,
+            "dtype": dtype}
     proc = subprocess.run([sys.executable, "-c", _EAGER_CHILD, json.dumps(spec)], capture_output=True,
                           text=True, check=True)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("EAGER_REPORT ")][-1]
@@ -270,9 +280,9 @@ def _eager_pam(channels, h, w, threads, runs):
 
 def _load():
     try:
-        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+        return os.getloadavg()[0]
     except OSError:
-        return "unknown"
+        return float("nan")
 
 
 def _size(text):
@@ -302,11 +312,14 @@ def main(argv=None):
                    help="no checkpoint: time and peak memory of PositionAttention(512) in ONNX Runtime, "
                         "each lowering, beside the fused eager op")
     p.add_argument("--threads", type=int, default=2, help="--measure-pam: threads (ORT and torch)")
-    p.add_argument("--runs", type=int, default=3, help="--measure-pam: runs per case")
+    p.add_argument("--runs", type=int, default=2, help="--measure-pam: runs per case and round")
+    p.add_argument("--rounds", type=int, default=3, help="--measure-pam: rounds (the cases take turns)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="--measure-pam: dtype")
     args = p.parse_args(argv)
 
     if args.measure_pam:
-        measure_pam([_size(s) for s in args.measure_pam], threads=args.threads, runs=args.runs)
+        measure_pam([_size(s) for s in args.measure_pam], threads=args.threads, runs=args.runs,
+                    rounds=args.rounds, dtype=args.dtype)
         return 0
     if not args.checkpoint or not args.format:
         p.error("--checkpoint and --format are required (or --measure-pam)")

@@ -13,9 +13,9 @@
 //   fp16-cblas   cblas_gemm_f16f16f32 (weak symbols; x86 torch builds with MKL), in the tile loops.
 // bf16/fp16 take a low-precision path when DANET_OPS_CPU_LOWP=1, or by default on a CPU with
 // matrix units for them (lowp_native); DANET_OPS_CPU_LOWP=0 forces fp32-tiles. brgemm is used
-// only at isa() >= avx512 (so DANET_OPS_CPU_ISA=avx2 behaves like a CPU without AVX512-BF16),
-// while oneDNN is enabled and where its probe computes the dtype right; else the CBLAS engine,
-// else fp32-tiles.
+// only at isa() = avx512 (isa.h: so never off x86, and DANET_OPS_CPU_ISA=avx2 behaves like a CPU
+// without AVX512-BF16), while oneDNN is enabled and where its probe computes the dtype right;
+// else the CBLAS engine, else fp32-tiles.
 #pragma once
 
 #include <ATen/ATen.h>
