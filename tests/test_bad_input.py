@@ -42,16 +42,21 @@ def _cases():
     yield "not a tensor", (q.numpy(), k, v, x, g), "q must be a torch.Tensor"
 
 
+def _forbid_kernels(monkeypatch, op):
+    """"Before any kernel runs": the reference and every backend's forward of `op` ("pam" | "cam")
+    raise if reached."""
+    def boom(*a, **kw):
+        raise AssertionError("kernel reached")
+    monkeypatch.setattr(danet_ops.reference, {"pam": "position_attention", "cam": "channel_attention"}[op], boom)
+    for b in danet_ops.backends.REGISTRY.values():
+        monkeypatch.setattr(b, f"{op}_forward", boom)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
 def test_pam_bad_input(case, backend, monkeypatch):
     _, args, pattern = case
-    # "Before any kernel runs": the op must never be reached.
-    def boom(*a, **kw):
-        raise AssertionError("kernel reached")
-    monkeypatch.setattr(danet_ops.reference, "position_attention", boom)
-    for b in danet_ops.backends.REGISTRY.values():
-        monkeypatch.setattr(b, "pam_forward", boom)
+    _forbid_kernels(monkeypatch, "pam")
     with pytest.raises((ValueError, TypeError), match=pattern):
         position_attention(*args, backend=backend)
 
@@ -71,11 +76,7 @@ def _cam_cases():
 @pytest.mark.parametrize("case", list(_cam_cases()), ids=lambda c: c[0])
 def test_cam_bad_input(case, backend, monkeypatch):
     _, (x, g, mode), pattern = case
-    def boom(*a, **kw):
-        raise AssertionError("kernel reached")
-    monkeypatch.setattr(danet_ops.reference, "channel_attention", boom)
-    for b in danet_ops.backends.REGISTRY.values():
-        monkeypatch.setattr(b, "cam_forward", boom)
+    _forbid_kernels(monkeypatch, "cam")
     with pytest.raises((ValueError, TypeError), match=pattern):
         channel_attention(x, g, mode=mode, backend=backend)
 
