@@ -124,6 +124,9 @@ def main(argv=None):
     else:
         for key, value in info.items():
             print(f"[isa] {key}: {value}")
+        import numpy
+        print("[isa] numpy.show_runtime():", flush=True)
+        numpy.show_runtime()      # numpy's own account: SIMD extensions found / not found, BLAS
     if args.expect:
         results = check(info, args.expect)
         for what, ok in results:
