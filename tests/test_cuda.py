@@ -279,7 +279,7 @@ def test_pam_long_sequence_rows(dev):
 
 
 # ----------------------------------------------------------------------------- PAM, general op
-# Issue 14: E = scale * q^T k with keys/values of their own length Nk, through position_attention.
+# E = scale * q^T k with keys/values of their own length Nk, through position_attention.
 # Kernel tiles are 64 positions: Nk < 64 < Nq, Nq < 64 < Nk, Nk = 1 (GPU-on-CPU: same sizes).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("nq,nk,scale", [(97, 25, 16 ** -0.5), (40, 130, 2.0), (70, 1, 0.5)],

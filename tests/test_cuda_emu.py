@@ -182,7 +182,7 @@ def sharp_diagonal_errors(seed, o_dtype=F32):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_pam_bf16_sharp_softmax_gradients_within_policy(emu, seed):
-    # Issue 15: Delta = sum_c dO*O from an O rounded to bf16 carries a rounding that does not
+    # Why O stays fp32: Delta = sum_c dO*O from an O rounded to bf16 carries a rounding that does not
     # cancel against dP, and with P ~ 1 it reaches dS = P*(dP - Delta) and dq, dk whole (the
     # bf16 reference computes its Delta from the same rounded dA, so its own error cancels).
     # The binding keeps O in fp32; the kernels take both, so the 16-bit O is still run here to
@@ -195,13 +195,13 @@ def test_pam_bf16_sharp_softmax_gradients_within_policy(emu, seed):
 
 
 def test_pam_bf16_sharp_softmax_needs_an_fp32_o(emu):
-    # The same check with the kernels handed a bf16 O (the layout before issue 15): it fails,
+    # The same check with the kernels handed a bf16 O (as the kernels once kept it): it fails,
     # so the test above is not vacuous.
     got, ref = sharp_diagonal_errors(0, o_dtype=BF16)
     assert got["dk"] > 4.0 * ref["dk"] and got["dq"] > 4.0 * ref["dq"], (got, ref)
 
 
-# ------------------------------------------------------------------- PAM, general op (issue 14)
+# ------------------------------------------------------------------------------ PAM, general op
 # E = scale * q^T k with keys/values of their own length Nk; kernel tiles are 64 positions, so
 # Nk = 1, Nk < 64 < Nq, Nq < 64 < Nk and ragged both ways are covered, in each engine.
 # (dtype, B, Cq, Cv, Nq, Nk, layout, tf32, residual, scale)

@@ -270,8 +270,8 @@ def test_raw_ops_onnx(tmp_path):
 
 
 def test_lowering_math_general():
-    """The standard lowering is E = scale * q^T k with k/v having their own Nk (SPEC §1's
-    generalisation): checked in float64 against the formula written out with einsum."""
+    """The standard lowering is E = scale * q^T k with k/v having their own Nk (the general
+    op): checked in float64 against the formula written out with einsum."""
     torch.manual_seed(0)
     B, Cq, Cv, Nq, Nk = 2, 5, 7, 11, 6
     q, k = torch.randn(B, Cq, Nq, dtype=torch.float64), torch.randn(B, Cq, Nk, dtype=torch.float64)

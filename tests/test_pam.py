@@ -28,7 +28,7 @@ SHAPES = [  # B, Cq, Cv, H, W  (ragged: N never a multiple of the 256 tile excep
     (1, 3, 12, 4, 4),       # N = 16: exactly one block; one value chunk (dK written directly)
     (1, 1, 1, 17, 1),       # Cq = Cv = 1, N = 17
     (1, 20, 40, 3, 3),      # Cq = 20 padded to 32; three value chunks, the last one ragged
-    # the limits (SPEC §1: 1 <= Cq <= 256, 1 <= Cv <= 4096, N >= 1)
+    # the limits of danet_ops/_contract.py: 1 <= Cq <= 256, 1 <= Cv <= 4096, N >= 1
     (2, 4, 8, 1, 1),        # N = 1: one key, every weight exactly 1
     (1, 256, 8, 3, 4),      # Cq = 256
     (1, 4, 4096, 2, 3),     # Cv = 4096
