@@ -227,9 +227,10 @@ def pam_extra_error(q, k, v, x, gamma, scale, dy, block=1024):
         dv_acc += torch.bmm(dOi.abs(), (r_row + e_el + 2 * h) * p)
         o_err = (EXP_ULP * u + h) * torch.bmm(av, p.transpose(1, 2))      # [B, Cv, n]
         out["y"] = max(out["y"], abs(g) * peak(o_err))
-        a_dy = torch.bmm(dyi.transpose(1, 2), v)                          # a_ij = sum_c dy_ci v_cj
-        dgamma += (dyi * o).sum().item()
-        dgamma_var += ((p * a_dy) ** 2).sum().item()
+        if gamma is not None:
+            a_dy = torch.bmm(dyi.transpose(1, 2), v)                      # a_ij = sum_c dy_ci v_cj
+            dgamma += (dyi * o).sum().item()
+            dgamma_var += ((p * a_dy) ** 2).sum().item()
     out["dk"], out["dv"] = peak(dk_acc), peak(dv_acc)
     if gamma is not None:
         out["dgamma"] = h * abs(dgamma) + LAMBDA * (EXP_ULP * u + h) * math.sqrt(dgamma_var)
@@ -278,11 +279,13 @@ def cam_extra_error(x, gamma, mode, dy):
 
     def peak(t):
         return t.max().item() if t.numel() else 0.0
-    b = torch.bmm(dy, a.transpose(1, 2))
-    dgamma = (dy * o).sum().item()
-    sd = math.sqrt(((A * b) ** 2).sum().item() + ((dy * o) ** 2).sum().item())
-    return {"y": abs(g) * peak(err_o), "dx": peak(err_dx),
-            "dgamma": 0.0 if gamma is None else 2 * h * abs(dgamma) + LAMBDA * (EXP_ULP * u + h) * sd}
+    out = {"y": abs(g) * peak(err_o), "dx": peak(err_dx), "dgamma": 0.0}
+    if gamma is not None:
+        b = torch.bmm(dy, a.transpose(1, 2))
+        dyo = dy * o
+        sd = math.sqrt(((A * b) ** 2).sum().item() + (dyo ** 2).sum().item())
+        out["dgamma"] = 2 * h * abs(dyo.sum().item()) + LAMBDA * (EXP_ULP * u + h) * sd
+    return out
 
 
 # ----------------------------------------------------------------------------- the comparisons
