@@ -180,7 +180,6 @@ def _no_backend_override(monkeypatch):
 #   "triton-cuda", "cuda" CUDA tensors, marked `gpu` (skip cleanly without a GPU)
 HALF = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float64, torch.float32) + HALF
-GPU_DTYPES = (torch.float32,) + HALF    # no fp64 on the GPU backends
 
 
 class Target(NamedTuple):
@@ -262,9 +261,9 @@ def _target_env(request, monkeypatch):
     """A test parametrized by a backend id runs under that target's environment (its CPU path)."""
     callspec = getattr(request.node, "callspec", None)
     target = BACKENDS.get(callspec.params.get("backend")) if callspec else None
-    for var in ("DANET_OPS_CPU_LOWP",):
+    for var in {var for env in CPU_PATHS.values() for var in env}:
         monkeypatch.delenv(var, raising=False)
-    for var, value in (target.env if isinstance(target, Target) else {}).items():
+    for var, value in (target.env if target else {}).items():
         monkeypatch.setenv(var, value)
 
 
