@@ -146,13 +146,21 @@ def row_isa(device, dtype, backend, op="pam"):
     return f"{isa} ({path})" if path else isa
 
 
-def cpu_model():
+def cpuinfo():
+    """(model name, set of flags) from /proc/cpuinfo (x86 "model name"/"flags", ARM "Model"/
+    "Features"); (platform.processor(), empty set) where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        return m.group(1).strip() if m else platform.processor()
+            text = f.read()
     except OSError:
-        return platform.processor()
+        return platform.processor(), set()
+    m = re.search(r"^(?:model name|Model)\s*:\s*(.+)$", text, re.M)
+    f = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+    return (m.group(1).strip() if m else platform.processor()), (set(f.group(1).split()) if f else set())
+
+
+def cpu_model():
+    return cpuinfo()[0]
 
 
 def machine_info(cpu_rates=True):

@@ -17,26 +17,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)     # this checkout's danet_ops, as from the repository root
-AVX512_GROUPS = ("X86_V4", "AVX512_ICL", "AVX512_SPR")   # numpy >= 2.4 dispatch groups above AVX2
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile",
          "asimd", "sve", "bf16")
 
 
-def cpu():
-    model, flags = "unknown", set()
-    try:
-        text = open("/proc/cpuinfo").read()
-        m = re.search(r"^(model name|Model)\s*:\s*(.+)$", text, re.M)
-        model = m.group(2).strip() if m else model
-        f = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
-        flags = set(f.group(2).split()) if f else flags
-    except OSError:
-        pass
-    return model, sorted(x for x in FLAGS if x in flags)
+def numpy_avx512_groups():
+    """numpy's SIMD dispatch targets above AVX2, by the names this numpy uses (they changed in
+    numpy 2.4: X86_V4, AVX512_ICL, ...; before: AVX512F, AVX512_SKX, ...). The capped run disables
+    these (NPY_DISABLE_CPU_FEATURES) and the check below looks at the same list."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+    return [f for f in __cpu_dispatch__ if f == "X86_V4" or f.startswith("AVX512")]
 
 
 def _child(code, env_extra):
@@ -51,22 +44,12 @@ def onednn_isa():
     return m.group(1).strip() if m else "not used for a bf16 matmul (torch's own fallback)"
 
 
-def rate(dtype, n):
-    import torch
-    a = torch.randn(n, n).to(dtype)
-    a @ a
-    reps, t = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - t < 0.2:
-        a @ a
-        reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
-
-
 def report():
     import numpy
     import torch
-    model, flags = cpu()
-    info = {"cpu": model, "flags": flags}
+    from benchmarks.machine import cpuinfo, matmul_rates
+    model, flags = cpuinfo()
+    info = {"cpu": model, "flags": sorted(x for x in FLAGS if x in flags)}
     info["torch"] = {"version": torch.__version__,
                      "capability": torch.backends.cpu.get_cpu_capability(),
                      "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY")}
@@ -74,7 +57,7 @@ def report():
     info["mkl"] = {"MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS")}
     from numpy._core._multiarray_umath import __cpu_features__ as feats   # what numpy dispatches to
     info["numpy"] = {"version": numpy.__version__,
-                     "avx512_groups_on": [g for g in AVX512_GROUPS if feats.get(g)],
+                     "avx512_groups_on": [g for g in numpy_avx512_groups() if feats.get(g)],
                      "NPY_DISABLE_CPU_FEATURES": os.environ.get("NPY_DISABLE_CPU_FEATURES")}
     try:
         import threadpoolctl
@@ -93,7 +76,7 @@ def report():
         info["danet_ops"]["cpu_isa"] = ops.cpu_isa()
         info["danet_ops"]["cpu_paths"] = {f"{op}-{str(dt)[6:]}": ops.cpu_path(op, dt) for op in ("pam", "cam")
                                           for dt in (torch.float32, torch.bfloat16, torch.float16)}
-    info["gflops"] = {"fp32": round(rate(torch.float32, 512), 1), "bf16": round(rate(torch.bfloat16, 128), 2)}
+    info["gflops"] = {k: round(r, 2) for k, r in matmul_rates().items()}   # the benchmarks' measurement
     return info
 
 
@@ -117,7 +100,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--expect", choices=["avx2"], help="fail unless every cap to this ISA took effect")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--numpy-avx512-groups", action="store_true",
+                   help="print numpy's dispatch targets above AVX2 (for NPY_DISABLE_CPU_FEATURES) and exit")
     args = p.parse_args(argv)
+    if args.numpy_avx512_groups:
+        print(" ".join(numpy_avx512_groups()))
+        return 0
     info = report()
     if args.json:
         print(json.dumps(info, indent=1))
