@@ -1,9 +1,9 @@
 """Backend "triton": Triton kernels for PAM and CAM, registered as danet_ops::*_triton ops.
 
 Interface used by danet_ops.backends: `available() -> (bool, reason)`,
-`interpreting()`, and the op entry points `pam_forward(q, k, v, x, gamma, scale=1.0)`,
-`pam_backward(dy, q, k, v, o, lse, gamma, scale=1.0)`, `cam_forward(x, gamma, mode)` and
-`cam_backward(dy, x, attn, o, gamma, mode)` with the schemas of docs/ARCHITECTURE.md.
+`interpreting()`, and the forward entry points `pam_forward(q, k, v, x, gamma, scale=1.0)` and
+`cam_forward(x, gamma, mode)` with the schemas of docs/ARCHITECTURE.md (the backward ops run
+through the ops' registered autograd).
 Importing this package registers the ops (ops.py) without importing triton; triton is imported
 by `available()` (once, cached) or by the first kernel launch (the op files pam.py, cam.py).
 Layout and design notes: docs/triton.md.
@@ -15,8 +15,7 @@ import torch
 from . import ops  # noqa: F401  (registers the custom ops, fake kernels and autograd)
 from ._runtime import interpreting, load_triton
 
-__all__ = ["available", "interpreting", "pam_forward", "pam_backward", "cam_forward",
-           "cam_backward"]
+__all__ = ["available", "interpreting", "pam_forward", "cam_forward"]
 
 
 def available():
@@ -39,13 +38,5 @@ def pam_forward(q, k, v, x, gamma, scale=1.0):
     return torch.ops.danet_ops.pam_forward_triton(q, k, v, x, gamma, float(scale))
 
 
-def pam_backward(dy, q, k, v, o, lse, gamma, scale=1.0):
-    return torch.ops.danet_ops.pam_backward_triton(dy, q, k, v, o, lse, gamma, float(scale))
-
-
 def cam_forward(x, gamma, mode):
     return torch.ops.danet_ops.cam_forward_triton(x, gamma, mode)
-
-
-def cam_backward(dy, x, attn, o, gamma, mode):
-    return torch.ops.danet_ops.cam_backward_triton(dy, x, attn, o, gamma, mode)

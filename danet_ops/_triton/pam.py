@@ -367,7 +367,7 @@ def forward(q, k, v, x, gamma, scale=1.0):
         if residual:
             y.copy_(gamma.float() * o.float() + x.float())
         return o, lse, y
-    scale_arg, qk_scale = _scales(scale)
+    _, qk_scale = _scales(scale)
 
     xs = strides(x) if residual else (0, 0, 0)
     ys = strides(y) if residual else (0, 0, 0)
