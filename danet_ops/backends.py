@@ -2,7 +2,7 @@
 call, and its op entry points. The backend choice of `position_attention` /
 `channel_attention` (`resolve`) and `danet_ops.available_backends()` iterate REGISTRY, and so
 does whatever else needs "which backends are there" (the tests' backend matrix and opcheck, the
-benchmarks, the GPU proof; `op_names` gives the ONNX lowering the ops to lower).
+benchmarks, the GPU proof, the ONNX lowering table of `danet_ops.onnx.decompositions`).
 
     "reference"  the released code's naive bmm computation (danet_ops.reference); any device
     "cpu"        fused C++ ops of csrc/cpu (danet_ops._compiled_ops); CPU tensors
@@ -60,6 +60,10 @@ class Backend:
                "cam_backward": ...}, plus "pam_forward_inference" / "cam_forward_inference"
                for "cpu"; {} for "reference", which is plain torch code. `op(entry)` gives the
                OpOverload (None while not registered), for opcheck, export and benchmarks.
+    register() -> None:
+               registers the backend's ops where that costs nothing (Triton: importing
+               danet_ops._triton, which imports no triton); `op` calls it. The compiled ops are
+               registered by loading danet_ops._C, which `prepare` does, never `op`.
     pam_forward(q, k, v, x, gamma, scale) -> (o, lse, y), and
     cam_forward(x, gamma, mode) -> (o, attn, y):
                the entry points `danet_ops.functional` calls, on [B, C, N] tensors, with the
@@ -86,6 +90,7 @@ class Backend:
     check: Callable = _nothing
     describe: Callable = _nothing
     prepare: Callable = _ready_already
+    register: Callable = _nothing
     ops: dict = dataclasses.field(default_factory=dict)
     pam_forward: Optional[Callable] = None
     cam_forward: Optional[Callable] = None
@@ -110,6 +115,7 @@ class Backend:
         qualname = self.ops.get(entry)
         if qualname is None:
             return None
+        self.register()
         ns, name = qualname.split("::")
         packet = getattr(getattr(torch.ops, ns), name, None)
         return None if packet is None else packet.default
@@ -181,7 +187,7 @@ REGISTRY = {b.name: b for b in (
     Backend("triton", devices=("cuda", "cpu"), interpreted=("cpu",), dtypes=_GPU,
             fix="install triton (`pip install triton`) and use CUDA tensors, or CPU tensors "
                 "with TRITON_INTERPRET=1 (slow; for tests)",
-            check=_triton_check, describe=_triton_describe,
+            check=_triton_check, describe=_triton_describe, register=_triton,
             ops={"pam_forward": "danet_ops::pam_forward_triton",
                  "pam_backward": "danet_ops::pam_backward_triton",
                  "cam_forward": "danet_ops::cam_forward_triton",

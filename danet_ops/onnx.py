@@ -220,7 +220,6 @@ def decompositions(lowering=None):
     danet_ops.backends that are registered in this process.
     """
     lowering = _check(lowering or current_lowering())
-    from . import _triton  # noqa: F401  (registers the *_triton ops; imports no triton)
 
     def pam(q, k, v, x=None, gamma=None, scale=1.0):
         return pam_math(q, k, v, x, gamma, scale, lowering)
