@@ -37,6 +37,7 @@ runs it.
 import argparse
 import glob
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -88,6 +89,7 @@ class Check:
         self.py = sys.executable
         self.suffix = sysconfig.get_config_var("EXT_SUFFIX")
         self.so_cap = CAPS["so"]
+        self.prebuilt, self.prebuilt_log = None, ""   # place_library's check: loads with CUDA kernels?
         mode = "dry run (CPU tensors, interpreter, tiny shapes)" if dry else "GPU"
         commit = self._git("rev-parse", "--short", "HEAD") or "?"
         if self._git("status", "--short", "--untracked-files=no"):
@@ -195,12 +197,14 @@ class Check:
         carried = os.path.join(ROOT, "build", "gpu", "danet_ops", "_C" + self.suffix)
         if not os.path.exists(target) and os.path.exists(carried):
             shutil.copyfile(carried, target)
-        with open(os.devnull, "w") as null:
-            try:
-                if self.library_ok(null, time.monotonic() + 60) != 0:
-                    self.so_cap = SO_BUILD_CAP  # it must be built here
-            except StageTimeout:
-                self.so_cap = SO_BUILD_CAP
+        buf = io.StringIO()
+        try:
+            self.prebuilt = self.library_ok(buf, time.monotonic() + 60) == 0
+        except StageTimeout:
+            self.prebuilt = False
+        self.prebuilt_log = buf.getvalue()
+        if not self.prebuilt:
+            self.so_cap = SO_BUILD_CAP  # it must be built here
 
     def library_ok(self, log, deadline):
         return self.run([self.py, "-m", "benchmarks.gpu_cases", "library"], log, deadline,
@@ -214,7 +218,10 @@ class Check:
         if self.dry:
             print(f"[so] dry run: {'ready to carry' if libs else 'nothing to carry (not an error here)'}")
             return 0
-        if self.library_ok(log, deadline) == 0:
+        if self.prebuilt:   # checked by place_library before the stages: its output, not a second run
+            log.write(self.prebuilt_log)
+            return 0
+        if self.prebuilt is None and self.library_ok(log, deadline) == 0:
             return 0
         print(f"[so] no usable prebuilt library: building here (sm_90a, {os.cpu_count()} jobs)")
         target = os.path.join(ROOT, "danet_ops", "_C" + self.suffix)
@@ -415,10 +422,14 @@ def main(argv=None):
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("out", nargs="?", help="output folder (default $GPU_CHECK_OUT, $OUT, ./gpu_check_out)")
     ap.add_argument("--dry-run", action="store_true", help="every stage on CPU tensors, tiny shapes, caps x6")
-    ap.add_argument("--stages", default="so,a,b,c,d,e", help="comma list, e.g. c,e to rerun the benchmark")
-    ap.add_argument("--budget", type=float, default=540, help="seconds for all stages (GPU; scaled in a dry run)")
-    ap.add_argument("--cap-scale", type=float, default=None, help="multiply every cap and the budget "
-                    "(default 6 in a dry run, 1 on the GPU)")
+    env = os.environ.get   # the defaults also come from the old script's variables GPU_CHECK_*
+    ap.add_argument("--stages", default=env("GPU_CHECK_STAGES", "so,a,b,c,d,e"),
+                    help="comma (or space) list, e.g. c,e to rerun the benchmark ($GPU_CHECK_STAGES)")
+    ap.add_argument("--budget", type=float, default=float(env("GPU_CHECK_BUDGET", 540)),
+                    help="seconds for all stages (GPU; scaled in a dry run; $GPU_CHECK_BUDGET)")
+    ap.add_argument("--cap-scale", type=float, default=env("GPU_CHECK_CAP_SCALE"),
+                    help="multiply every cap and the budget (default 6 in a dry run, 1 on the GPU; "
+                    "$GPU_CHECK_CAP_SCALE)")
     args = ap.parse_args(argv)
     out = args.out or os.environ.get("GPU_CHECK_OUT") or os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out")
     os.makedirs(out, exist_ok=True)
@@ -426,7 +437,7 @@ def main(argv=None):
     check = Check(os.path.abspath(out), args.dry_run, args.budget, scale)
     if not args.dry_run:
         check.place_library()
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = args.stages.replace(",", " ").split()
     for name in ("so", "a", "b", "c", "d", "e"):
         if name in stages:
             check.stage(name, getattr(check, f"stage_{name}"))
