@@ -23,11 +23,10 @@ import pytest
 import torch
 
 from .machine import machine_info, rates_line, row_isa
+from .report import raw_dir
 
 FULL = os.environ.get("DANET_OPS_BENCH_FULL", "0") == "1"
-RESULTS_DIR = os.environ.get("DANET_OPS_BENCH_OUT",
-                             os.path.join(os.path.dirname(__file__), "results", "tmp"))
-PEERS = ("reference", "sdpa", "flex")  # torch's own computation, timed beside the fused backends
+RESULTS_DIR = raw_dir()               # where the report reads from
 
 
 @pytest.fixture(scope="session", autouse=True)

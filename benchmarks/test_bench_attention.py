@@ -23,7 +23,7 @@ logit std 0.64).
 Sized by the machine: where the CPU has no bf16 units (torch.mm in bf16 under 1/4 of the fp32
 rate, measured at the start: benchmarks/machine.py), the peers' bf16 rows (torch computes them
 in emulated bf16) get fewer timed rounds or are skipped, so that no case takes over
-DANET_OPS_BENCH_CASE_CAP_S (30 s), and the bf16 matmul-rate case shrinks to about 1.5 s a call;
+DANET_OPS_BENCH_CASE_CAP_S (20 s), and the bf16 matmul-rate case shrinks to about 1.5 s a call;
 the row says so. danet_ops' own bf16 rows run in full.
 
 Each fused backend's result and gradients are checked once per op, device and dtype against the
@@ -39,7 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from danet_ops import channel_attention, position_attention
 from .checks import fused_backends, sanity
-from .conftest import PEERS, FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
+from .conftest import FULL, Unsupported, cpu_sizes, devices, gpu_sizes, measure, sync
+from .report import PEERS   # torch's own computation, timed beside the fused backends
 from .machine import matmul_size, plan_rounds
 
 C, CQ = 512, 64
