@@ -51,17 +51,19 @@ Path prepare(Args& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return path;
 }
 
-// acc * f (in acc's fp32/fp64, before any rounding), contiguous, in dtype dt.
+// acc * f (in acc's fp32/fp64, before any rounding), contiguous, in dtype dt (one conversion
+// pass, none when acc already is that).
 at::Tensor finish(at::Tensor acc, double f, at::ScalarType dt) {
   if (f != 1.0) acc.mul_(f);
-  return acc.to(dt).contiguous();
+  return acc.to(dt, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
 }
 
-// The forward shared by pam_forward (everything autograd needs) and pam_forward_inference
-// (need_lse false, o undefined: only y, or O when there is no residual).
+// The forward shared by pam_forward (for_backward: O and lse kept, everything autograd needs)
+// and pam_forward_inference (neither: only y, or O when there is no residual; O then lives per
+// task beside y).
 void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                       const std::optional<at::Tensor>& x_, const std::optional<at::Tensor>& gamma_,
-                      double scale, bool need_lse, at::Tensor& o, at::Tensor& lse, at::Tensor& y) {
+                      double scale, bool for_backward, at::Tensor& o, at::Tensor& lse, at::Tensor& y) {
   check_inputs(q_, k_, v_, scale);
   TORCH_CHECK(x_.has_value() == gamma_.has_value(), "pam: give both x and gamma, or neither");
   const bool residual = x_.has_value();
@@ -75,11 +77,9 @@ void pam_forward_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tens
   const auto ct = compute_type(v_.scalar_type());
   a.scale = scale;
   a.residual = residual;
-  a.need_lse = need_lse;
-  a.need_o = !residual || o.defined();  // inference with residual: O lives per task
   const auto fopt = a.q.options().dtype(ct);
-  if (!residual && !o.defined()) o = at::empty({B, Cv, N}, fopt);
-  if (need_lse) lse = at::empty({B, N}, fopt);
+  if (for_backward || !residual) o = at::empty({B, Cv, N}, fopt);
+  if (for_backward) lse = at::empty({B, N}, fopt);
   if (residual) {
     a.x = *x_;
     a.gamma = gamma_->item<double>();
@@ -108,11 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pam_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const std::optional<at::Tensor>& x_, const std::optional<at::Tensor>& gamma_, double scale) {
   cpu::BelowAutograd below_autograd;
-  check_inputs(q_, k_, v_, scale);
-  const auto ct = compute_type(v_.scalar_type());
-  at::Tensor o = at::empty({q_.size(0), v_.size(1), q_.size(2)}, v_.options().dtype(ct));
-  at::Tensor lse, y;
-  pam_forward_impl(q_, k_, v_, x_, gamma_, scale, /*need_lse=*/true, o, lse, y);
+  at::Tensor o, lse, y;
+  pam_forward_impl(q_, k_, v_, x_, gamma_, scale, /*for_backward=*/true, o, lse, y);
   if (!x_.has_value()) y = at::empty({0}, v_.options());
   return {o, lse, y};
 }
@@ -124,7 +121,7 @@ at::Tensor pam_forward_inference_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                      const std::optional<at::Tensor>& gamma_, double scale) {
   cpu::BelowAutograd below_autograd;
   at::Tensor o, lse, y;
-  pam_forward_impl(q_, k_, v_, x_, gamma_, scale, /*need_lse=*/false, o, lse, y);
+  pam_forward_impl(q_, k_, v_, x_, gamma_, scale, /*for_backward=*/false, o, lse, y);
   return x_.has_value() ? y : as_type(o, v_.scalar_type());
 }
 

@@ -16,12 +16,12 @@ namespace danet_ops {
 namespace cpu {
 
 // q, k, v in the path's operand dtype (bf16 / fp16 / fp32 / fp64). o, lse, y allocated by the
-// caller in the compute dtype (y: the contract's output dtype): o when need_o (else O lives per
-// task), lse when need_lse, y when residual (y = gamma*O + x, x undefined without).
+// caller in the compute dtype (y: the contract's output dtype); o and lse may be undefined: then
+// they are not written (O lives per task); y when residual (y = gamma*O + x, x undefined without).
 struct PamForward {
   at::Tensor q, k, v, x;
   double gamma = 0.0, scale = 1.0;
-  bool residual = false, need_o = true, need_lse = true;
+  bool residual = false;
   int64_t BM = 256, BN = 256;
   at::Tensor o, lse, y;
 };

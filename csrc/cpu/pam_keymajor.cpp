@@ -141,7 +141,7 @@ void pam_forward_keymajor(PamForward& a) {
         brgemm_call<T>(Cv, bm, bn, Vj, BN, Pvp, bm, accp, ldc, j0 > 0);  // += V_j P^T
       }
       if (Nk > 0) L.scale_cols(accp, Cv, bm, ldc, l.data(), true);
-      if (a.need_lse) {
+      if (a.lse.defined()) {
         float* lp = a.lse[b].narrow(0, i0, bm).mutable_data_ptr<float>();
         for (int64_t i = 0; i < bm; ++i) {
           // m is a max over unscaled-by-lazy values: lse = m + log(l) with l summed against mu
@@ -149,7 +149,7 @@ void pam_forward_keymajor(PamForward& a) {
           lp[i] = base + std::log(l[i]);
         }
       }
-      if (a.need_o) a.o[b].narrow(1, i0, bm).copy_(acc);
+      if (a.o.defined()) a.o[b].narrow(1, i0, bm).copy_(acc);
       if (a.residual) {
         at::Tensor yb = a.y[b].narrow(1, i0, bm);
         at::add_out(yb, a.x[b].narrow(1, i0, bm), acc, a.gamma);

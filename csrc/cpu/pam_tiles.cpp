@@ -35,11 +35,11 @@ void pam_forward_tiles(PamForward& a, Engine engine) {
   parallel_tasks(B * nI, [&](int64_t begin, int64_t end) {
     at::Tensor S = at::empty({BM, BN}, fopt);                       // one tile of E, then of P
     at::Tensor Pl = lowp ? at::empty({BM, BN}, q.options()) : S;    // P in the operand dtype
-    at::Tensor acc_buf = a.need_o ? at::Tensor() : at::empty({Cv, BM}, fopt);
+    at::Tensor acc_buf = a.o.defined() ? at::Tensor() : at::empty({Cv, BM}, fopt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nI, i0 = (t % nI) * BM, bm = std::min(BM, N - i0);
       const at::Tensor Qt = q[b].narrow(1, i0, bm).t();             // [bm, Cq]
-      at::Tensor acc = a.need_o ? a.o[b].narrow(1, i0, bm) : acc_buf.narrow(1, 0, bm);  // [Cv, bm]
+      at::Tensor acc = a.o.defined() ? a.o[b].narrow(1, i0, bm) : acc_buf.narrow(1, 0, bm);  // [Cv, bm]
       at::Tensor m = at::full({bm}, -kInf, fopt);
       at::Tensor l = at::zeros({bm}, fopt);
       if (Nk == 0) acc.zero_();                                    // no keys: O = 0, lse = -inf
@@ -65,7 +65,7 @@ void pam_forward_tiles(PamForward& a, Engine engine) {
         m = m_new;
       }
       if (Nk > 0) acc.div_(l.unsqueeze(0));                        // O block
-      if (a.need_lse) a.lse[b].narrow(0, i0, bm).copy_(m + l.log());
+      if (a.lse.defined()) a.lse[b].narrow(0, i0, bm).copy_(m + l.log());
       if (a.residual) {                                            // fused epilogue y = gamma*O + x
         at::Tensor yb = a.y[b].narrow(1, i0, bm);
         at::add_out(yb, x[b].narrow(1, i0, bm), acc, a.gamma);
