@@ -13,6 +13,7 @@ file fails (its compiler output is printed), 2 if the compiler is missing.
 cross toolchain's headers) for the clang front end, which Apple Silicon builds use.
 """
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -32,7 +33,9 @@ def sources():
     return sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
 
 
-def command(cxx, src, obj):
+@functools.lru_cache(maxsize=None)
+def _project_flags():
+    """The project's C++ flags, torch's extension defines and include paths (the same for every file)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -41,7 +44,11 @@ def command(cxx, src, obj):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     defines = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
                f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    return [*cxx, *flags, "-fPIC", *defines, *includes, "-c", str(src), "-o", str(obj)]
+    return (*flags, "-fPIC", *defines, *includes)
+
+
+def command(cxx, src, obj):
+    return [*cxx, *_project_flags(), "-c", str(src), "-o", str(obj)]
 
 
 def main(argv=None):
