@@ -22,6 +22,7 @@ import re
 import pytest
 import torch
 
+from models import rss
 from .machine import machine_info, rates_line, row_isa
 from .report import raw_dir
 
@@ -65,12 +66,6 @@ def devices():
     return [d for d in have if not want or d in want]
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) * 1024 if m else None
-
-
 def peak_memory(fn, device):
     """Peak bytes allocated by fn() above what was allocated before it (inputs excluded).
 
@@ -84,14 +79,11 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS
-    except OSError:
+    if not rss.reset_peak():  # the peak RSS := the current RSS
         return None
-    base = _status_kb("VmRSS")
+    base = rss.status("VmRSS")
     fn()
-    return _status_kb("VmHWM") - base
+    return rss.status("VmHWM") - base
 
 
 def sync(device):

@@ -27,25 +27,9 @@ import time
 
 import torch
 
+from . import rss
+
 ARCH = "danet101_cityscapes"
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _reset_peak_rss():
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM). False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args):
@@ -66,16 +50,15 @@ def child(args):
     try:
         with torch.inference_mode(), amp:
             model(x[..., : max(64, H // 8), : max(64, W // 8)])  # warm-up: kernels, allocator, oneDNN
-            rec["rss_before_mib"] = _status_kib("VmRSS") / 1024
-            exact_peak = _reset_peak_rss()
+            rec["rss_before_mib"] = rss.status("VmRSS") / 2**20
+            exact_peak = rss.reset_peak()
             times, cpu = [], []
             for _ in range(args.repeat):
                 t, c = time.perf_counter(), time.process_time()
                 out = model(x)[0]
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
-        peak_kib = _status_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rec.update(ok=True, time_s=min(times), times_s=times, cpu_s=min(cpu), peak_rss_mib=peak_kib / 1024,
+        rec.update(ok=True, time_s=min(times), times_s=times, cpu_s=min(cpu), peak_rss_mib=rss.peak() / 2**20,
                    peak_is_since_warmup=exact_peak)
         if args.pred:
             torch.save(out.argmax(1).to(torch.uint8), args.pred)

@@ -87,31 +87,16 @@ def export_onnx(model, example, path, legacy=False, static=False, opset=None, at
 # Runs in a child process, so that its peak memory is the session's alone: the high-water mark of
 # the resident set is reset (Linux: /proc/self/clear_refs) after the session and the inputs exist,
 # and the high-water mark after the runs (VmHWM) minus the resident set at that moment is the peak
-# above them. (ru_maxrss only without /proc: a child inherits its parent's maximum at exec.)
+# above them (models/rss.py). Where it cannot be reset, only growth above the earlier high-water
+# mark is seen ("exact": false).
 _ORT_CHILD = r"""
-import json, re, resource, sys, time
+import json, sys, time
 import numpy as np
 import onnxruntime as ort
-
-def status(key):  # kB in /proc/self/status (Linux)
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
-
-def reset_peak():  # -> (resident bytes now, whether the high-water mark was reset to it)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status("VmRSS"), True
-    except OSError:  # no reset: only growth above the earlier high-water mark is seen
-        return peak(), False
-
-def peak():
-    try:
-        return status("VmHWM")
-    except OSError:  # no /proc: ru_maxrss (kB; bytes on macOS)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
 spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["root"])
+from models import rss
+
 opts = ort.SessionOptions()
 if spec["threads"]:
     opts.intra_op_num_threads = spec["threads"]
@@ -121,13 +106,14 @@ data = np.load(spec["inputs"])
 saved, report = {}, []
 for i in range(spec["n"]):
     feeds = {name: data[f"{i}_{j}"] for j, name in enumerate(names)}
-    base, exact = reset_peak()
+    exact = rss.reset_peak()
+    base = rss.status("VmRSS") if exact else rss.peak()
     times = []
     for _ in range(spec["runs"]):
         t = time.perf_counter()
         out = sess.run(None, feeds)
         times.append(time.perf_counter() - t)
-    report.append({"peak": max(peak() - base, 0), "exact": exact, "times": times})
+    report.append({"peak": max(rss.peak() - base, 0), "exact": exact, "times": times})
     if spec["outputs"]:
         saved.update({f"{i}_{j}": o for j, o in enumerate(out)})
 if spec["outputs"]:
@@ -149,7 +135,7 @@ def run_onnxruntime(path, inputs, threads=None, runs=1, keep_outputs=True):
                   for i, xs in enumerate(inputs) for j, t in enumerate(xs)}
         np.savez(os.path.join(tmp, "inputs.npz"), **arrays)
         out_path = os.path.join(tmp, "outputs.npz") if keep_outputs else ""
-        spec = {"model": os.path.abspath(path), "inputs": os.path.join(tmp, "inputs.npz"),
+        spec = {"root": ROOT, "model": os.path.abspath(path), "inputs": os.path.join(tmp, "inputs.npz"),
                 "outputs": out_path, "n": len(inputs), "threads": threads, "runs": runs}
         proc = subprocess.run([sys.executable, "-c", _ORT_CHILD, json.dumps(spec)],
                               capture_output=True, text=True)
@@ -185,14 +171,11 @@ def compare(out, model, x):
 
 # ----------------------------------------------------------------------------- docs/deploy.md's table
 _EAGER_CHILD = r"""
-import json, re, statistics, sys, time
+import json, sys, time
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["root"])
 import torch, danet_ops
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+from models import rss
 
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
@@ -204,16 +187,16 @@ m = m.to(dt)
 x = torch.randn(1, spec["channels"], spec["h"], spec["w"], dtype=dt)
 with torch.inference_mode():
     m(torch.randn(1, spec["channels"], 8, 8, dtype=dt))  # first call: the library's one-time setup
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS")
+if not rss.reset_peak():
+    sys.exit("the resident high-water mark cannot be reset here (/proc/self/clear_refs)")
+base = rss.status("VmRSS")
 times = []
 with torch.inference_mode():
     for _ in range(spec["runs"]):
         t = time.perf_counter()
         m(x)
         times.append(time.perf_counter() - t)
-print("EAGER_REPORT " + json.dumps({"peak": status("VmHWM") - base, "times": times}))
+print("EAGER_REPORT " + json.dumps({"peak": rss.peak() - base, "times": times}))
 """
 
 
