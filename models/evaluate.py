@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, MEAN, STD, EvalTransform, build_dataset
-from .readers import voc_colormap as palette  # noqa: F401 (the colour map of the visualisations)
+from .readers import voc_colormap   # the colour map of the visualisations when the arch gives none
 
 
 def confusion_matrix(pred, target, nclass, ignore_index=IGNORE_INDEX):
@@ -118,7 +118,7 @@ def save_visual(path, img, label, pred, nclass, mean=MEAN, std=STD, colors=None)
     image's normalisation; ``colors``: [nclass, 3] uint8 (default: the PASCAL VOC colour map)."""
     from PIL import Image
 
-    cmap = torch.cat([palette(nclass) if colors is None else colors, torch.zeros(1, 3, dtype=torch.uint8)])
+    cmap = torch.cat([voc_colormap(nclass) if colors is None else colors, torch.zeros(1, 3, dtype=torch.uint8)])
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     rgb = ((img.cpu().float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
 
